@@ -1,0 +1,1 @@
+"""javisrt.runtime.backends: torch | onnxruntime | tensorrt behind one Engine interface."""

@@ -1,0 +1,32 @@
+"""Shared fixtures: deterministic seeding, GPU/TensorRT skip markers, tolerance helpers."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def seed() -> int:
+    """Every test starts from the same RNG state (torch, numpy, random)."""
+    value = 0
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)
+    return value
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    has_gpu = torch.cuda.is_available()
+    has_trt = importlib.util.find_spec("tensorrt") is not None
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU; the dev/CI machines have none"))
+        if "tensorrt" in item.keywords and not has_trt:
+            item.add_marker(
+                pytest.mark.skip(reason="needs TensorRT, which cannot be installed on the dev/CI machines")
+            )
