@@ -1,0 +1,69 @@
+"""bench/stats.py and bench/report.py: trtexec's statistics vs numpy, and the report's layout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from javisrt.bench.report import QueryTiming, export_times, format_summary, summarize_queries
+from javisrt.bench.stats import coefficient_of_variation, percentile_index, summarize
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 10, 100, 1001])
+def test_summary_vs_numpy(n: int) -> None:
+    values = np.random.default_rng(n).gamma(2.0, 3.0, size=n)
+    s = summarize(values.tolist(), (50, 90, 95, 99))
+    assert s.minimum == values.min() and s.maximum == values.max()
+    assert s.mean == pytest.approx(values.mean(), rel=1e-12)
+    assert s.median == pytest.approx(np.median(values), rel=1e-12)
+    assert s.cov_percent == pytest.approx(values.std() / values.mean() * 100, rel=1e-9)  # population std
+    ordered = np.sort(values)
+    for p in (90, 95, 99):
+        # trtexec's rule equals numpy's "higher"-style nearest rank for these n: the element at
+        # ceil(p/100 * n) - 1, i.e. the smallest value with at least p% of the data at or below it
+        expect = ordered[max(int(np.ceil(p / 100 * n)) - 1, 0)]
+        assert s.percentile(p) == expect, (n, p)
+
+
+def test_percentile_index_formula() -> None:
+    # n = 10: p90 -> 10 - 1 - floor(0.1 * 10) = 8; p99 -> 9 - floor(0.1) = 9; p0 -> max(9 - 10, 0) = 0
+    assert [percentile_index(p, 10) for p in (90, 99, 50, 0, 100)] == [8, 9, 4, 0, 9]
+    with pytest.raises(ValueError):
+        percentile_index(101, 10)
+    assert coefficient_of_variation([2.0, 2.0]) == 0.0
+
+
+def _queries(compute: list[float], h2d: float = 0.1, enq: float = 0.05) -> list[QueryTiming]:
+    out, t = [], 0.0
+    for c in compute:
+        out.append(QueryTiming(t, t + enq, t, t + h2d, t + h2d, t + h2d + c, t + h2d + c, t + h2d + c + 0.2))
+        t += h2d + c + 0.2
+    return out
+
+
+def test_report_layout_and_numbers(tmp_path: Path) -> None:
+    qs = _queries([10.0, 12.0, 11.0, 13.0])
+    s = summarize_queries(qs)
+    text = format_summary(s)
+    lines = text.splitlines()
+    assert lines[0] == "=== Performance summary ==="
+    assert lines[1] == f"Throughput: {4 / (sum(q.latency_ms for q in qs) / 1e3):g} qps"
+    assert lines[2] == ("Latency: min = 10.3 ms, max = 13.3 ms, mean = 11.8 ms, median = 11.8 ms, "
+                        "percentile(90%) = 13.3 ms, percentile(95%) = 13.3 ms, percentile(99%) = 13.3 ms")
+    assert [ln.split(":")[0] for ln in lines[3:9]] == [
+        "Enqueue Time", "H2D Latency", "GPU Compute Time", "D2H Latency", "Total Host Walltime", "Total GPU Compute Time"]
+    assert lines[8] == "Total GPU Compute Time: 0.046 s"
+    # CoV of compute = std([10,12,11,13]) / 11.5 = 9.7% > 2.5% -> instability warning
+    assert any(ln.startswith("* GPU compute time is unstable") for ln in lines)
+    assert lines[-1].startswith("Explanations of the performance metrics")
+    export_times(qs, tmp_path / "t.json")
+    rows = json.loads((tmp_path / "t.json").read_text())
+    assert len(rows) == 4 and rows[0]["computeMs"] == 10.0 and rows[0]["latencyMs"] == pytest.approx(10.3)
+
+
+def test_stable_run_has_no_warnings() -> None:
+    text = format_summary(summarize_queries(_queries([10.0] * 20, h2d=0.01, enq=0.01)))
+    assert "* " not in text
