@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -22,15 +24,43 @@ def test_summary_vs_numpy(n: int) -> None:
     assert s.cov_percent == pytest.approx(values.std() / values.mean() * 100, rel=1e-9)  # population std
     ordered = np.sort(values)
     for p in (90, 95, 99):
-        # trtexec's rule equals numpy's "higher"-style nearest rank for these n: the element at
-        # ceil(p/100 * n) - 1, i.e. the smallest value with at least p% of the data at or below it
-        expect = ordered[max(int(np.ceil(p / 100 * n)) - 1, 0)]
-        assert s.percentile(p) == expect, (n, p)
+        assert s.percentile(p) == ordered[percentile_index(p, n)], (n, p)
+
+
+TRTEXEC_PERCENTILE_C = r"""
+#include <stdio.h>
+int main(void) {
+    float ps[] = {50.F, 90.F, 95.F, 99.F, 99.9F, 0.F, 100.F};
+    for (int all = 1; all <= 300; ++all)
+        for (int i = 0; i < 7; ++i) {
+            int exclude = (int)((1 - ps[i] / 100.F) * all);   /* trtexec sampleReporting.cpp */
+            int idx = all - 1 - exclude;
+            printf("%d %g %d\n", all, ps[i], idx > 0 ? idx : 0);
+        }
+    return 0;
+}
+"""
+
+
+def test_percentile_index_equals_trtexec_c_expression(tmp_path: Path) -> None:
+    """Independent reference: trtexec's own float expression compiled with the C compiler."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler to evaluate trtexec's float expression")
+    src = tmp_path / "p.c"
+    src.write_text(TRTEXEC_PERCENTILE_C)
+    subprocess.run([cc, "-O0", "-o", str(tmp_path / "p"), str(src)], check=True)
+    out = subprocess.run([str(tmp_path / "p")], check=True, capture_output=True, text=True).stdout
+    rows = [line.split() for line in out.splitlines()]
+    assert len(rows) == 300 * 7
+    mismatches = [(n, p, idx) for n, p, idx in rows if percentile_index(float(p), int(n)) != int(idx)]
+    assert not mismatches, mismatches[:10]
 
 
 def test_percentile_index_formula() -> None:
-    # n = 10: p90 -> 10 - 1 - floor(0.1 * 10) = 8; p99 -> 9 - floor(0.1) = 9; p0 -> max(9 - 10, 0) = 0
+    # n = 10: p90 -> 10 - 1 - int(0.1f * 10) = 8; p99 -> 9 - int(0.1) = 9; p0 -> max(9 - 10, 0) = 0
     assert [percentile_index(p, 10) for p in (90, 99, 50, 0, 100)] == [8, 9, 4, 0, 9]
+    assert percentile_index(99, 100) == 99  # float32: (1 - 0.99f) * 100 = 0.99999905 -> 0
     with pytest.raises(ValueError):
         percentile_index(101, 10)
     assert coefficient_of_variation([2.0, 2.0]) == 0.0
