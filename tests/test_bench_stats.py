@@ -97,3 +97,23 @@ def test_report_layout_and_numbers(tmp_path: Path) -> None:
 def test_stable_run_has_no_warnings() -> None:
     text = format_summary(summarize_queries(_queries([10.0] * 20, h2d=0.01, enq=0.01)))
     assert "* " not in text
+
+
+def test_result_rows_carry_provenance(tmp_path: Path) -> None:
+    import csv
+
+    from javisrt.bench.results import append_row
+
+    row = {"backend": "torch", "precision": "fp32", "shape": [1, 16, 3, 8, 8], "latency_ms": 1.5}
+    append_row(row, tmp_path / "r.csv", tmp_path / "r.jsonl")
+    append_row({**row, "latency_ms": 2.5}, tmp_path / "r.csv", tmp_path / "r.jsonl")
+    lines = (tmp_path / "r.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])
+    assert len(lines) == 2 and first["latency_ms"] == 1.5
+    assert {"timestamp_utc", "device", "git_commit", "versions"} <= first.keys()
+    assert first["versions"]["torch"].startswith("2.13.0")
+    with (tmp_path / "r.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["latency_ms"] for r in rows] == ["1.5", "2.5"] and json.loads(rows[0]["shape"]) == [1, 16, 3, 8, 8]
+    with pytest.raises(ValueError, match="columns"):
+        append_row({"other": 1}, tmp_path / "r.csv")
