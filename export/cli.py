@@ -1,0 +1,177 @@
+"""``javisrt export``: checkpoint -> ONNX graph (+ external data) + ``manifest.json``.
+
+    javisrt export --checkpoint DIR --precision bf16|fp8 --flavor native|plugin --out DIR
+                   [--config PRESET] [--fp32-copy] [--calib-prompts FILE] [--calib-steps N]
+                   [--calib-shape FRAMES,HEIGHT,WIDTH] [--device cpu|cuda]
+
+Writes ``OUT/dit.onnx`` (weights > 2 GiB in ``OUT/dit.onnx.data``), with ``--fp32-copy`` also
+``OUT/dit.fp32.onnx`` (the graph ONNX Runtime can check on CPU), and ``OUT/manifest.json``: the
+contract, the checkpoint's hash, flavour/precision, tool versions, and the static checks (op audit;
+FP8 rules). FP8 is the modelopt PTQ path (:mod:`javisrt.export.quantize`): its graph is the native
+attention written out (MatMul/Softmax with Q/DQ), so ``--flavor plugin`` is refused with fp8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from javisrt.engine.errors import CheckpointError, ConfigError
+from javisrt.export.contract import DiTContract, ShapePoint
+
+log = logging.getLogger(__name__)
+
+MANIFEST_VERSION = "1"
+VERSIONED = ("javisrt", "torch", "onnx", "onnxruntime", "onnxscript", "nvidia-modelopt", "onnxruntime-extensions")
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("export", help="export the DiT to ONNX (native/plugin, bf16/fp8) with a manifest")
+    p.add_argument("--checkpoint", required=True, type=Path, help="any layout engine.checkpoint.load_model reads")
+    p.add_argument("--precision", required=True, choices=("bf16", "fp8"))
+    p.add_argument("--flavor", default="native", choices=("native", "plugin"))
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--config", default=None, help="preset name (default: from the checkpoint)")
+    p.add_argument("--fp32-copy", action="store_true", help="also write dit.fp32.onnx for ONNX Runtime checks")
+    p.add_argument("--calib-prompts", type=Path, default=None,
+                   help="fp8: safetensors/pt with 'prompts' [N,Lt,text_dim] (+ 'negative' [1,Lt,text_dim]) T5 embeddings")  # fmt: skip
+    p.add_argument("--calib-num-prompts", type=int, default=4, help="fp8 without --calib-prompts: random stand-ins")
+    p.add_argument("--calib-steps", type=int, default=10, help="fp8: sampling steps per calibration trajectory")
+    p.add_argument("--calib-shape", default="33,240,426", help="fp8: FRAMES,HEIGHT,WIDTH of the calibration runs")
+    p.add_argument("--device", default="cpu", help="device for calibration (cuda recommended for real checkpoints)")
+    return p  # type: ignore[no-any-return]
+
+
+def checkpoint_hash(path: Path) -> str:
+    """sha256 over (relative path, bytes) of every file of the checkpoint, in sorted order."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    if not files:
+        raise CheckpointError(f"no checkpoint files under {path}")
+    digest = hashlib.sha256()
+    total = sum(f.stat().st_size for f in files)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="hashing checkpoint", leave=False) as bar:
+        for f in files:
+            digest.update(str(f.relative_to(path) if path.is_dir() else f.name).encode() + b"\0")
+            with f.open("rb") as fh:
+                while chunk := fh.read(1 << 24):
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+    return "sha256:" + digest.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for name in VERSIONED:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _calibration(args: argparse.Namespace, contract: DiTContract) -> Any:
+    from javisrt.export.quantize import CalibrationSet
+
+    try:
+        frames, height, width = (int(v) for v in args.calib_shape.split(","))
+    except ValueError:
+        raise ConfigError(f"--calib-shape must be FRAMES,HEIGHT,WIDTH, got {args.calib_shape!r}") from None
+    dims = ShapePoint(1, frames, height, width).dims()
+    if args.calib_prompts is None:
+        log.warning("no --calib-prompts: calibrating on %d Gaussian stand-ins for T5 embeddings", args.calib_num_prompts)
+        return CalibrationSet.random(contract, [dims], num_prompts=args.calib_num_prompts, steps=args.calib_steps)
+    if args.calib_prompts.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        data = load_file(str(args.calib_prompts))
+    else:
+        data = torch.load(args.calib_prompts, map_location="cpu", weights_only=True)
+    cfg = contract.config
+    prompts = data["prompts"].float()
+    if prompts.ndim != 3 or prompts.shape[2] != cfg.text_dim or prompts.shape[1] > cfg.text_len:
+        raise ConfigError(f"calibration prompts must be [N, <= {cfg.text_len}, {cfg.text_dim}], got {tuple(prompts.shape)}")
+    pad = cfg.text_len - prompts.shape[1]
+    prompts = torch.nn.functional.pad(prompts, (0, 0, 0, pad))
+    negative = data.get("negative", torch.zeros(1, cfg.text_len, cfg.text_dim)).float()
+    negative = torch.nn.functional.pad(negative, (0, 0, 0, cfg.text_len - negative.shape[1]))
+    return CalibrationSet(prompts, negative, ({**dims, "batch": 1},), steps=args.calib_steps)
+
+
+def run(args: argparse.Namespace) -> int:
+    from javisrt.engine.checkpoint import load_model
+    from javisrt.export.fp8_rules import audit_ops, check_fp8
+    from javisrt.export.onnx import export_dit, save
+
+    if args.precision == "fp8" and args.flavor != "native":
+        raise ConfigError("fp8 export is the native flavour only (modelopt Q/DQ on MatMul attention)")
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    steps = ["hash", "load", "export", "check", "write"] + (["fp32 copy"] if args.fp32_copy else [])
+    with tqdm(total=len(steps), desc="javisrt export", unit="stage") as bar:
+        bar.set_postfix_str("hashing checkpoint")
+        ckpt_hash = checkpoint_hash(args.checkpoint)
+        bar.update()
+        bar.set_postfix_str("loading model")
+        model = load_model(args.checkpoint, args.config, numerics="fp32", device=args.device)
+        contract = DiTContract.for_config(model.cfg)
+        bar.update()
+        checks: dict[str, Any] = {}
+        if args.precision == "fp8":
+            from javisrt.export.quantize import export_fp8, quantize_fp8
+
+            bar.set_postfix_str("FP8 calibration")
+            wrapper = quantize_fp8(model, _calibration(args, contract), contract, numerics="fp32")
+            graph = export_fp8(wrapper.to("cpu"), contract)
+            checks["fp8_rules"] = [str(v) for v in check_fp8(graph)]
+        else:
+            bar.set_postfix_str(f"exporting {args.flavor}/bf16")
+            graph = export_dit(model.to("cpu"), args.flavor, "bf16", contract)
+        bar.update()
+        bar.set_postfix_str("static checks")
+        checks["op_audit"] = [str(v) for v in audit_ops(graph)]
+        bar.update()
+        bar.set_postfix_str("writing")
+        graph_path = save(graph, out / "dit.onnx")
+        bar.update()
+        files = [graph_path.name] + ([graph_path.name + ".data"] if (out / (graph_path.name + ".data")).exists() else [])
+        if args.fp32_copy and args.precision == "bf16":
+            bar.set_postfix_str("fp32 copy")
+            files.append(save(export_dit(model, args.flavor, "fp32", contract), out / "dit.fp32.onnx").name)
+            bar.update()
+        elif args.fp32_copy:
+            log.info("fp8: dit.onnx itself is the fp32 Q/DQ graph ONNX Runtime runs (ORT_DISABLE_ALL)")
+            bar.update()
+    manifest = {
+        "manifest_version": MANIFEST_VERSION,
+        "module": contract.module,
+        "flavor": args.flavor,
+        "precision": args.precision,
+        "graph_high_precision": "fp32" if args.precision == "fp8" else "bf16",
+        "files": files,
+        "checkpoint": {"path": str(args.checkpoint), "hash": ckpt_hash},
+        "contract": contract.to_dict(),
+        "checks": checks,
+        "versions": versions(),
+        "export_seconds": round(time.time() - started, 1),
+    }
+    fd, tmp = tempfile.mkstemp(prefix="manifest.", suffix=".tmp", dir=out)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(manifest, fh, indent=2, sort_keys=True)
+    os.replace(tmp, out / "manifest.json")
+    failed = [c for v in checks.values() for c in v]
+    for line in failed:
+        log.error("%s", line)
+    log.info("exported %s/%s to %s in %.0f s", args.flavor, args.precision, out, time.time() - started)
+    return 1 if failed else 0

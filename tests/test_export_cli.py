@@ -1,0 +1,63 @@
+"""export/cli.py: ``javisrt export`` end to end on a tiny checkpoint (graph + manifest)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+
+from javisrt.engine.checkpoint import save_model
+from javisrt.engine.config import JavisConfig
+from javisrt.engine.errors import ConfigError
+from javisrt.engine.model import build_model, init_weights
+from javisrt.export import cli
+from javisrt.export.contract import DiTContract
+from javisrt.export.onnx import contract_of
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model = init_weights(build_model(JavisConfig.from_name("tiny")), torch.Generator().manual_seed(0))
+    return save_model(model, tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="javisrt")
+    cli.register(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["export", *argv])
+
+
+def test_cli_bf16_plugin(checkpoint: Path, tmp_path: Path) -> None:
+    args = parse(["--checkpoint", str(checkpoint), "--precision", "bf16", "--flavor", "plugin", "--out", str(tmp_path)])
+    assert cli.run(args) == 0
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["files"] == ["dit.onnx"] and manifest["checks"] == {"op_audit": []}
+    assert manifest["checkpoint"]["hash"] == cli.checkpoint_hash(checkpoint) and manifest["checkpoint"]["hash"].startswith("sha256:")
+    assert manifest["versions"]["torch"].startswith("2.13")
+    contract = DiTContract.from_dict(manifest["contract"])
+    graph = onnx.load(str(tmp_path / "dit.onnx"))
+    assert contract_of(graph) == contract
+    assert any(n.domain == "javisrt" for n in graph.graph.node)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script:DeprecationWarning")  # modelopt 0.47 on torch 2.13
+def test_cli_fp8(checkpoint: Path, tmp_path: Path) -> None:
+    args = parse([
+        "--checkpoint", str(checkpoint), "--precision", "fp8", "--out", str(tmp_path),
+        "--calib-shape", "33,48,64", "--calib-steps", "3", "--calib-num-prompts", "2",
+    ])  # fmt: skip
+    assert cli.run(args) == 0
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["checks"] == {"fp8_rules": [], "op_audit": []}
+    graph = onnx.load(str(tmp_path / "dit.onnx"))
+    assert sum(n.op_type == "QuantizeLinear" for n in graph.graph.node) > 0
+
+
+def test_cli_rejects_fp8_plugin(checkpoint: Path, tmp_path: Path) -> None:
+    args = parse(["--checkpoint", str(checkpoint), "--precision", "fp8", "--flavor", "plugin", "--out", str(tmp_path)])
+    with pytest.raises(ConfigError):
+        cli.run(args)
