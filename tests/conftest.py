@@ -22,7 +22,9 @@ def seed() -> int:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     has_gpu = torch.cuda.is_available()
-    has_trt = importlib.util.find_spec("tensorrt") is not None
+    # A namespace-only "tensorrt" (e.g. left by tensorrt-stubs, which ships no __init__.py) is not TensorRT.
+    spec = importlib.util.find_spec("tensorrt")
+    has_trt = spec is not None and spec.origin is not None
     for item in items:
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU; the dev/CI machines have none"))

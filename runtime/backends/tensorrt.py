@@ -1,0 +1,448 @@
+"""TensorRTBackend: a javisrt-built TensorRT plan behind the Engine interface (TensorRT 11 API).
+
+Thin by design (TensorRT cannot be installed on the dev/CI machines): ``tensorrt`` is imported
+lazily inside functions; CUDA streams, device memory and graphs come from cuda-python
+(``cuda.bindings.runtime``), so no CUDA torch is needed.
+
+* **Load** (:meth:`TensorRTBackend.load`): the plan's metadata sidecar is checked first
+  (``export/engine_meta.py``: TensorRT version, GPU SM, precision, profiles/contract, checkpoint
+  hash, plan SHA-256), then ``trt.Runtime.deserialize_cuda_engine``; the deserialized engine's
+  I/O names, modes, dtypes and profile count are checked against the contract. A weight-stripped plan
+  is refitted from its ONNX before first use.
+* **Allocate** (per shape bucket): pick the first free optimisation profile containing the bucket
+  (one profile per concurrently used context, NvInferRuntime.h), ``set_optimization_profile_async``,
+  ``cudaMalloc`` every I/O buffer, then in TensorRT 11's order ``set_input_shape`` (all inputs) ->
+  ``infer_shapes`` / output shapes checked -> ``set_tensor_address`` (all I/O).
+* **Infer**: async H2D copies into the bound inputs, ``execute_async_v3(stream)``, or the replay
+  of the bucket's CUDA graph (captured after one warm-up enqueue, tensorrt-notes §6); outputs come
+  back as host tensors on request, while the C++ loop uses the device buffers directly
+  (:func:`javisrt.runtime.engine.loop_binding`).
+* **Concurrency**: one execution context + stream per :class:`TensorRTBackend`;
+  :meth:`TensorRTBackend.sibling` opens another context on the same deserialized engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from javisrt.engine.errors import ConfigError, EngineMismatchError, ShapeError, UnavailableError
+from javisrt.export import engine_meta
+from javisrt.export.contract import Dims, DiTContract
+from javisrt.runtime.engine import (
+    Array,
+    BufferSpec,
+    EngineBase,
+    EngineState,
+    ShapeBucket,
+    as_torch,
+    profile_contains,
+    select_profile,
+)
+
+if TYPE_CHECKING:  # the stubs (tensorrt-stubs) type every TensorRT call below for mypy
+    import tensorrt as trt
+
+log = logging.getLogger(__name__)
+
+# contract dtype name -> the TensorRT DataType member name (the I/O is fp32 in every flavour)
+TRT_DTYPES = {"float32": "FLOAT", "float16": "HALF", "bfloat16": "BF16", "int64": "INT64", "int32": "INT32"}
+
+
+def import_tensorrt() -> Any:
+    """``tensorrt``, or UnavailableError saying why (not installed / not the real package)."""
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise UnavailableError(
+            f"TensorRT is not installed ({exc}); the tensorrt backend and `javisrt build` need a GPU machine "
+            "with TensorRT 11 (pip `tensorrt` from NVIDIA's index)"
+        ) from exc
+    if not hasattr(trt, "Runtime"):
+        raise UnavailableError(
+            "`import tensorrt` found a package without TensorRT's bindings (an empty namespace package, e.g. left "
+            "by tensorrt-stubs installed into site-packages); install TensorRT 11"
+        )
+    return trt
+
+
+def cudart() -> Any:
+    from cuda.bindings import runtime
+
+    return runtime
+
+
+def cuda_call(result: Any, what: str) -> Any:
+    """Unwrap a cuda-python ``(err, *values)`` result; raise with the CUDA error name otherwise."""
+    rt = cudart()
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if err != rt.cudaError_t.cudaSuccess:
+        if err in (rt.cudaError_t.cudaErrorNoDevice, rt.cudaError_t.cudaErrorInsufficientDriver):
+            raise UnavailableError(f"{what}: no usable CUDA device/driver ({err.name})")
+        raise RuntimeError(f"{what} failed: {err.name}")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def device_compute_capability(device_id: int = 0) -> tuple[int, int]:
+    rt = cudart()
+    major = cuda_call(rt.cudaDeviceGetAttribute(rt.cudaDeviceAttr.cudaDevAttrComputeCapabilityMajor, device_id), "cc")
+    minor = cuda_call(rt.cudaDeviceGetAttribute(rt.cudaDeviceAttr.cudaDevAttrComputeCapabilityMinor, device_id), "cc")
+    return int(major), int(minor)
+
+
+def make_logger() -> trt.ILogger:
+    """A ``trt.ILogger`` forwarding to :mod:`logging` (TensorRT severities -> logging levels)."""
+    import_tensorrt()
+    import tensorrt as trt
+
+    levels = {
+        trt.ILogger.Severity.INTERNAL_ERROR: logging.CRITICAL,
+        trt.ILogger.Severity.ERROR: logging.ERROR,
+        trt.ILogger.Severity.WARNING: logging.WARNING,
+        trt.ILogger.Severity.INFO: logging.INFO,
+        trt.ILogger.Severity.VERBOSE: logging.DEBUG,
+    }
+
+    class _Logger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+
+        def log(self, severity: trt.ILogger.Severity, msg: str) -> None:
+            logging.getLogger("tensorrt").log(levels.get(severity, logging.INFO), "%s", msg)
+
+    return _Logger()
+
+
+@dataclass
+class LoadedPlan:
+    """One deserialized engine shared by the contexts (siblings) opened on it."""
+
+    trt: Any
+    logger: Any
+    runtime: Any
+    engine: Any
+    meta: engine_meta.EngineMetadata
+    profiles_in_use: set[int] = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    users: int = 0
+
+
+def check_engine_io(engine: trt.ICudaEngine, contract: DiTContract) -> None:
+    """The deserialized engine's I/O tensors and profile count against the contract."""
+    import tensorrt as trt
+
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    want = contract.input_names + contract.output_names
+    if sorted(names) != sorted(want):
+        raise EngineMismatchError(f"engine I/O tensors {names} != contract {want}")
+    for name in want:
+        mode = engine.get_tensor_mode(name)
+        expect_mode = trt.TensorIOMode.INPUT if name in contract.input_names else trt.TensorIOMode.OUTPUT
+        if mode != expect_mode:
+            raise EngineMismatchError(f"engine tensor {name} is {mode}, the contract says {expect_mode}")
+        dt = engine.get_tensor_dtype(name)
+        if dt != getattr(trt.DataType, TRT_DTYPES[contract.spec(name).dtype]):
+            raise EngineMismatchError(f"engine tensor {name} has dtype {dt}, the contract says {contract.spec(name).dtype}")
+    if engine.num_optimization_profiles != len(contract.profiles):
+        raise EngineMismatchError(
+            f"engine has {engine.num_optimization_profiles} optimisation profiles, the contract {len(contract.profiles)}"
+        )
+
+
+class TensorRTBackend(EngineBase):
+    """One TensorRT execution context with its own stream, buffers and per-bucket CUDA graphs."""
+
+    name = "tensorrt"
+
+    def __init__(
+        self,
+        contract: DiTContract,
+        plan_path: str | os.PathLike[str],
+        *,
+        precision: str | None = None,
+        checkpoint_sha256: str | None = None,
+        device_id: int = 0,
+        refit_onnx: str | os.PathLike[str] | None = None,
+        cuda_graphs: bool = True,
+        _shared: LoadedPlan | None = None,
+    ) -> None:
+        super().__init__(contract)
+        self.plan_path = Path(plan_path)
+        self.precision = precision
+        self.checkpoint_sha256 = checkpoint_sha256
+        self.device_id = device_id
+        self.refit_onnx = None if refit_onnx is None else Path(refit_onnx)
+        self.cuda_graphs = cuda_graphs
+        self._shared = _shared
+        self.context: Any = None
+        self._stream: Any = None
+        self._device_buffers: dict[str, int] = {}
+        self._host_out: dict[str, torch.Tensor] = {}
+        self._staging: list[torch.Tensor] = []  # host sources of in-flight H2D copies
+        self._graphs: dict[tuple[tuple[str, int], ...], tuple[Any, Any]] = {}  # bucket -> (graph, exec)
+        self._profile: int | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", self.device_id)
+
+    @property
+    def meta(self) -> engine_meta.EngineMetadata:
+        if self._shared is None:
+            raise ConfigError("tensorrt engine: not loaded")
+        return self._shared.meta
+
+    def sibling(self) -> TensorRTBackend:
+        """Another context (own stream, buffers, profile) on the same deserialized engine."""
+        if self._shared is None:
+            raise ConfigError("tensorrt engine: sibling() before load()")
+        return TensorRTBackend(
+            self.contract, self.plan_path, precision=self.precision, checkpoint_sha256=self.checkpoint_sha256,
+            device_id=self.device_id, cuda_graphs=self.cuda_graphs, _shared=self._shared,
+        )  # fmt: skip
+
+    # ---- load ----------------------------------------------------------------------------------
+    def _load(self) -> None:
+        import_tensorrt()  # first: the clearest reason on machines without TensorRT
+        rt = cudart()
+        cuda_call(rt.cudaSetDevice(self.device_id), "cudaSetDevice")
+        if self._shared is None:
+            self._shared = self._deserialize()
+        else:
+            self.contract = DiTContract.from_dict(self._shared.meta.contract)
+        self._shared.users += 1
+        self.context = self._shared.engine.create_execution_context()
+        if self.context is None:
+            raise RuntimeError("TensorRT could not create an execution context (out of device memory?)")
+        self._stream = cuda_call(rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking), "cudaStreamCreate")
+
+    def _deserialize(self) -> LoadedPlan:
+        import_tensorrt()
+        import tensorrt as trt
+
+        expected = engine_meta.Expected(
+            tensorrt_version=trt.__version__,
+            compute_capability=device_compute_capability(self.device_id),
+            precision=self.precision,
+            contract=self.contract.to_dict(),
+            checkpoint_sha256=self.checkpoint_sha256,
+            check_profiles=False,
+        )
+        plan, meta = engine_meta.load_checked(self.plan_path, expected)
+        # The engine may hold a subset of the default profiles (`javisrt build --profiles`): adopt its own.
+        self.contract = DiTContract.from_dict(meta.contract)
+        logger = make_logger()
+        runtime = trt.Runtime(logger)
+        engine = runtime.deserialize_cuda_engine(plan)
+        if engine is None:
+            raise EngineMismatchError(
+                f"TensorRT {trt.__version__} could not deserialize {self.plan_path} although its metadata matched "
+                "(see the TensorRT log above; plugins missing from the registry?)"
+            )
+        check_engine_io(engine, self.contract)
+        if meta.weights_stripped:
+            if self.refit_onnx is None:
+                raise ConfigError(f"{self.plan_path} was built weight-stripped: pass refit_onnx= (the ONNX with the weights)")
+            refit_engine_from_onnx(engine, logger, self.refit_onnx)
+        log.info("deserialized %s: TensorRT %s, %s, %s, %d profiles", self.plan_path.name, meta.tensorrt_version,
+                 meta.sm, meta.precision, engine.num_optimization_profiles)  # fmt: skip
+        return LoadedPlan(trt, logger, runtime, engine, meta)
+
+    # ---- allocate ------------------------------------------------------------------------------
+    def _bucket_for(self, dims: Mapping[str, int]) -> ShapeBucket:
+        assert self._shared is not None
+        bucket = ShapeBucket.of(self.contract, dims)
+        full: Dims = bucket.as_dims()
+        if self._profile is not None and _fits(self.contract, self._profile, full):
+            return ShapeBucket(bucket.dims, self._profile)
+        with self._shared.lock:
+            busy = self._shared.profiles_in_use - ({self._profile} if self._profile is not None else set())
+            profile = select_profile(self.contract, full, exclude=sorted(busy))
+        return ShapeBucket(bucket.dims, profile)
+
+    def _allocate(self, bucket: ShapeBucket, plan: dict[str, BufferSpec]) -> None:
+        assert self._shared is not None and bucket.profile is not None
+        rt = cudart()
+        ctx: trt.IExecutionContext = self.context
+        if bucket.profile != self._profile:
+            with self._shared.lock:
+                if self._profile is not None:
+                    self._shared.profiles_in_use.discard(self._profile)
+                self._shared.profiles_in_use.add(bucket.profile)
+            if not ctx.set_optimization_profile_async(bucket.profile, int(self._stream)):
+                raise RuntimeError(f"set_optimization_profile_async({bucket.profile}) failed")
+            self._profile = bucket.profile
+        for name, spec in plan.items():
+            self._device_buffers[name] = int(cuda_call(rt.cudaMalloc(max(spec.nbytes, 1)), f"cudaMalloc({name})"))
+        # TensorRT 11 order: every input shape, then output shapes are known, then addresses.
+        for name in self.contract.input_names:
+            if not ctx.set_input_shape(name, plan[name].shape):
+                raise ShapeError(f"TensorRT rejected input shape {name}={plan[name].shape} for profile {bucket.profile}")
+        unresolved = ctx.infer_shapes()
+        if unresolved:
+            raise ShapeError(f"TensorRT cannot infer shapes of {unresolved} at {bucket}")
+        for name in self.contract.output_names:
+            dims = ctx.get_tensor_shape(name)
+            got = tuple(dims[i] for i in range(len(dims)))
+            if got != plan[name].shape:
+                raise EngineMismatchError(f"engine output {name} has shape {got} at {bucket}, the contract {plan[name].shape}")
+        for name, ptr in self._device_buffers.items():
+            if not ctx.set_tensor_address(name, ptr):
+                raise RuntimeError(f"set_tensor_address({name}) failed")
+        self._host_out = {n: torch.empty(plan[n].shape, dtype=plan[n].dtype) for n in self.contract.output_names}
+
+    # ---- run -----------------------------------------------------------------------------------
+    def _write(self, name: str, value: Array) -> None:
+        rt = cudart()
+        src = as_torch(value).contiguous()
+        kind = (
+            rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice if src.device.type == "cuda"
+            else rt.cudaMemcpyKind.cudaMemcpyHostToDevice
+        )  # fmt: skip
+        self._staging.append(src)  # keep the source alive until the stream passed the copy
+        cuda_call(
+            rt.cudaMemcpyAsync(self._device_buffers[name], src.data_ptr(), self._plan[name].nbytes, kind, self._stream),
+            f"copy into {name}",
+        )
+
+    def _run(self, stream: int | None) -> None:
+        handle = int(self._stream) if stream is None else int(stream)
+        key = self._key()
+        if key in self._graphs:
+            cuda_call(cudart().cudaGraphLaunch(self._graphs[key][1], handle), "cudaGraphLaunch")
+            return
+        if not self.context.execute_async_v3(handle):
+            raise RuntimeError(f"execute_async_v3 failed at {self._bucket} (see the TensorRT log)")
+
+    def _key(self) -> tuple[tuple[str, int], ...]:
+        assert self._bucket is not None
+        return self._bucket.dims
+
+    @property
+    def stream_handle(self) -> int:
+        return 0 if self._stream is None else int(self._stream)
+
+    def capture_graph(self) -> int:
+        """CUDA graph of one ``execute_async_v3`` at the current bucket (trtexec's recipe: one
+        enqueue outside capture flushes lazy initialisation, then a thread-local capture)."""
+        if not self.cuda_graphs:
+            raise UnavailableError("tensorrt engine: created with cuda_graphs=False")
+        self._require(EngineState.ALLOCATED, "capture_graph")
+        key = self._key()
+        if key not in self._graphs:
+            rt = cudart()
+            if not self.context.execute_async_v3(int(self._stream)):
+                raise RuntimeError("warm-up execute_async_v3 before capture failed")
+            cuda_call(rt.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
+            mode = rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+            cuda_call(rt.cudaStreamBeginCapture(self._stream, mode), "cudaStreamBeginCapture")
+            ok = self.context.execute_async_v3(int(self._stream))
+            graph = cuda_call(rt.cudaStreamEndCapture(self._stream), "cudaStreamEndCapture")
+            if not ok:
+                cuda_call(rt.cudaGraphDestroy(graph), "cudaGraphDestroy")
+                raise RuntimeError(
+                    "execute_async_v3 is not capturable for this engine (weight streaming, data-dependent shapes or a "
+                    "JIT plugin?); construct the backend with cuda_graphs=False"
+                )
+            exec_ = cuda_call(rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+            self._graphs[key] = (graph, exec_)
+            log.info("tensorrt engine: captured a CUDA graph for %s", self._bucket)
+        return int(self._graphs[key][1])
+
+    def _sync(self) -> None:
+        cuda_call(cudart().cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
+        self._staging.clear()
+
+    def _outputs(self) -> dict[str, torch.Tensor]:
+        """Host copies of the output buffers (D2H on the engine's stream, then a sync)."""
+        rt = cudart()
+        for name, host in self._host_out.items():
+            cuda_call(
+                rt.cudaMemcpyAsync(host.data_ptr(), self._device_buffers[name], self._plan[name].nbytes,
+                                   rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self._stream),
+                f"copy out of {name}",
+            )  # fmt: skip
+        self._sync()
+        return dict(self._host_out)
+
+    def _pointers(self) -> dict[str, int]:
+        return dict(self._device_buffers)
+
+    # ---- release -------------------------------------------------------------------------------
+    def _release_buffers(self) -> None:
+        rt = cudart()
+        if self._stream is not None:
+            cuda_call(rt.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
+        for graph, exec_ in self._graphs.values():
+            cuda_call(rt.cudaGraphExecDestroy(exec_), "cudaGraphExecDestroy")
+            cuda_call(rt.cudaGraphDestroy(graph), "cudaGraphDestroy")
+        self._graphs.clear()
+        for ptr in self._device_buffers.values():
+            cuda_call(rt.cudaFree(ptr), "cudaFree")
+        self._device_buffers, self._host_out, self._staging = {}, {}, []
+
+    def _unload(self) -> None:
+        rt = cudart()
+        shared = self._shared
+        self.context = None  # reverse order: contexts -> engine -> runtime
+        if self._stream is not None:
+            cuda_call(rt.cudaStreamDestroy(self._stream), "cudaStreamDestroy")
+            self._stream = None
+        if shared is not None:
+            with shared.lock:
+                if self._profile is not None:
+                    shared.profiles_in_use.discard(self._profile)
+                shared.users -= 1
+                last = shared.users == 0
+            if last:
+                shared.engine = None
+                shared.runtime = None
+        self._profile = None
+        self._shared = None
+
+
+def _fits(contract: DiTContract, profile: int, dims: Dims) -> bool:
+    return profile_contains(contract, profile, dims)
+
+
+def refit_engine_from_onnx(engine: trt.ICudaEngine, logger: trt.ILogger, onnx_path: Path) -> None:
+    """Refit every refittable weight of ``engine`` from the initializers of ``onnx_path``."""
+    import tensorrt as trt
+
+    refitter = trt.Refitter(engine, logger)
+    parser_refitter = trt.OnnxParserRefitter(refitter, logger)
+    if not parser_refitter.refit_from_file(str(onnx_path)):
+        errors = [str(parser_refitter.get_error(i)) for i in range(parser_refitter.num_errors)]
+        raise EngineMismatchError(f"refit from {onnx_path} failed: {errors}")
+    missing = refitter.get_missing_weights()
+    if missing:
+        raise EngineMismatchError(f"refit from {onnx_path}: weights still missing: {missing[:8]}")
+    if not refitter.refit_cuda_engine():
+        raise EngineMismatchError(f"refit_cuda_engine failed for {onnx_path} (see the TensorRT log)")
+    log.info("refitted the engine from %s", onnx_path)
+
+
+def create_for_pipeline(model: Any, device: torch.device | str = "cuda", **options: Any) -> Any:
+    """Factory with the signature of ``runtime/backends/__init__.py``'s BACKENDS entries.
+
+    ``options``: ``plan_path`` (required) and the :class:`TensorRTBackend` keywords. Returns a
+    :class:`~javisrt.runtime.engine.PipelineEngine` (not loaded: ``create_engine`` loads it).
+    """
+    from javisrt.runtime.engine import PipelineEngine
+
+    if "plan_path" not in options:
+        raise ConfigError("the tensorrt backend needs plan_path= (an engine built by `javisrt build`)")
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        raise ConfigError(f"the tensorrt backend runs on a CUDA device, got {dev}")
+    contract = DiTContract.for_config(model.cfg)
+    return PipelineEngine(TensorRTBackend(contract, options.pop("plan_path"), device_id=dev.index or 0, **options))

@@ -1,0 +1,217 @@
+"""TorchBackend: the Engine interface over the eager :class:`~javisrt.engine.model.JavisDiT`.
+
+The CPU reference of every compiled backend: same contract I/O (the RoPE tables are inputs, as in
+the exported graph), ops ``"torch"`` (any device) or ``"triton"`` (CUDA), and, on a GPU, optional
+CUDA-graph capture per shape bucket (captured on the first run of a bucket after one warm-up run;
+:meth:`TorchBackend.capture_graph` also hands the ``cudaGraphExec_t`` to the C++ loop).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from javisrt.engine.errors import ConfigError, UnavailableError
+from javisrt.engine.model import JavisDiT, Numerics
+from javisrt.export.contract import DiTContract
+from javisrt.runtime.engine import Array, BufferSpec, EngineBase, ShapeBucket, as_torch
+
+log = logging.getLogger(__name__)
+
+
+def contract_forward(model: JavisDiT, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One denoiser call with the export contract's I/O names (fp32 in, fp32 out).
+
+    Same stages as :meth:`JavisDiT.forward`, except that the TA-RoPE tables come from the inputs
+    (``rope_cos`` / ``rope_sin``), exactly as in the exported graph.
+    """
+    emb = model.embed(inputs["video"], inputs.get("audio"), inputs["timestep"], inputs["context"])
+    x = model.transformer(emb, (inputs["rope_cos"], inputs["rope_sin"]))
+    video, audio = model.heads(x, emb.e, emb.grid)
+    out: dict[str, torch.Tensor] = {}
+    if video is not None:
+        out["video_velocity"] = video
+    if audio is not None:
+        out["audio_velocity"] = audio
+    return out
+
+
+class ContractModule(nn.Module):
+    """``nn.Module`` whose positional inputs/outputs are the contract's, in contract order.
+
+    For ``torch.onnx.export(ContractModule(model, contract), tuple(sample_inputs.values()), ...)``.
+    """
+
+    def __init__(self, model: JavisDiT, contract: DiTContract) -> None:
+        super().__init__()
+        self.model = model
+        self.input_names = tuple(contract.input_names)
+        self.output_names = tuple(contract.output_names)
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = contract_forward(self.model, dict(zip(self.input_names, args, strict=True)))
+        return tuple(out[n] for n in self.output_names)
+
+
+class TorchBackend(EngineBase):
+    """Eager torch (optionally with the Triton kernels and per-bucket CUDA graphs)."""
+
+    name = "torch"
+
+    def __init__(
+        self,
+        contract: DiTContract,
+        *,
+        model: JavisDiT | None = None,
+        checkpoint: str | os.PathLike[str] | None = None,
+        ops: str = "torch",
+        numerics: Numerics | str | None = None,
+        device: torch.device | str = "cpu",
+        cuda_graphs: bool = False,
+    ) -> None:
+        super().__init__(contract)
+        if (model is None) == (checkpoint is None):
+            raise ConfigError("TorchBackend needs exactly one of model= or checkpoint=")
+        self._device = torch.device(device)
+        if cuda_graphs and self._device.type != "cuda":
+            raise ConfigError(f"cuda_graphs=True needs a CUDA device, got {self._device}")
+        if ops == "triton" and self._device.type != "cuda":
+            raise ConfigError("ops='triton' runs the Triton kernels, which need a CUDA device")
+        if model is not None and model.cfg != contract.config:
+            raise ConfigError(f"model config {model.cfg.name!r} does not match the contract's {contract.config.name!r}")
+        self._model_arg = model
+        self._checkpoint = checkpoint
+        self._ops = ops
+        # None: a given model keeps its numerics; a checkpoint loads as load_model's default (official).
+        self._numerics = None if numerics is None else Numerics(numerics)
+        self.cuda_graphs = cuda_graphs
+        self.model: JavisDiT | None = None
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._stream: Any = None  # torch.cuda.Stream on CUDA
+        self._graphs: dict[tuple[tuple[str, int], ...], Any] = {}  # bucket dims -> torch.cuda.CUDAGraph
+        self._warm: set[tuple[tuple[str, int], ...]] = set()
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    # ---- hooks ---------------------------------------------------------------------------------
+    def _load(self) -> None:
+        if self._device.type == "cuda" and not torch.cuda.is_available():
+            raise UnavailableError(f"TorchBackend on {self._device}: no CUDA device is available")
+        if self._model_arg is not None:
+            model = self._model_arg.to(self._device).set_ops(self._ops)
+            if self._numerics is not None and model.numerics is not self._numerics:
+                model.set_numerics(self._numerics)
+        else:
+            from javisrt.engine.checkpoint import load_model
+
+            assert self._checkpoint is not None
+            numerics = Numerics.OFFICIAL if self._numerics is None else self._numerics
+            model = load_model(self._checkpoint, self.contract.config, numerics, self._device, self._ops)
+        self.model = model.requires_grad_(False).eval()
+        if self._device.type == "cuda":
+            self._stream = torch.cuda.Stream(self._device)
+
+    def _allocate(self, bucket: ShapeBucket, plan: dict[str, BufferSpec]) -> None:
+        self._buffers = {n: torch.zeros(s.shape, dtype=s.dtype, device=self._device) for n, s in plan.items()}
+
+    def _write(self, name: str, value: Array) -> None:
+        src = as_torch(value)
+        if self._stream is not None:
+            with torch.cuda.stream(self._stream):
+                self._buffers[name].copy_(src, non_blocking=True)
+        else:
+            self._buffers[name].copy_(src)
+
+    def _forward_into_outputs(self) -> None:
+        assert self.model is not None
+        with torch.inference_mode():
+            out = contract_forward(self.model, {n: self._buffers[n] for n in self.contract.input_names})
+            for name in self.contract.output_names:
+                self._buffers[name].copy_(out[name])
+
+    def _run(self, stream: int | None) -> None:
+        if self._stream is None:
+            self._forward_into_outputs()
+            return
+        run_stream = self._stream if stream is None else torch.cuda.ExternalStream(stream, device=self._device)
+        key = self._current_key()
+        with torch.cuda.stream(run_stream):
+            graph = self._graphs.get(key)
+            if graph is not None:
+                graph.replay()
+            elif self.cuda_graphs and key in self._warm:
+                self.capture_graph()
+                self._graphs[key].replay()
+            else:
+                self._forward_into_outputs()
+                self._warm.add(key)
+
+    def _current_key(self) -> tuple[tuple[str, int], ...]:
+        assert self._bucket is not None
+        return self._bucket.dims
+
+    def capture_graph(self) -> int:
+        """Capture the current bucket's forward as a CUDA graph (after a warm-up run); its exec handle."""
+        if not self.cuda_graphs or self._stream is None:
+            raise UnavailableError("TorchBackend: CUDA-graph capture needs device='cuda' and cuda_graphs=True")
+        self._require_allocated()
+        key = self._current_key()
+        if key not in self._graphs:
+            with torch.cuda.stream(self._stream):
+                if key not in self._warm:  # lazy init (cuBLAS handles, Triton JIT) must not be captured
+                    self._forward_into_outputs()
+                    self._warm.add(key)
+            self._stream.synchronize()
+            graph = torch.cuda.CUDAGraph(keep_graph=True)
+            with torch.cuda.graph(graph, stream=self._stream):
+                self._forward_into_outputs()
+            graph.instantiate()
+            self._graphs[key] = graph
+            log.info("torch engine: captured a CUDA graph for %s", self._bucket)
+        return int(self._graphs[key].raw_cuda_graph_exec())
+
+    def _require_allocated(self) -> None:
+        if self._bucket is None:
+            raise ConfigError("torch engine: capture_graph() before allocate(dims)")
+
+    @property
+    def stream_handle(self) -> int:
+        return 0 if self._stream is None else int(self._stream.cuda_stream)
+
+    def _sync(self) -> None:
+        if self._stream is not None:
+            self._stream.synchronize()
+
+    def _outputs(self) -> dict[str, torch.Tensor]:
+        return {n: self._buffers[n] for n in self.contract.output_names}
+
+    def _pointers(self) -> dict[str, int]:
+        return {n: int(t.data_ptr()) for n, t in self._buffers.items()}
+
+    def _release_buffers(self) -> None:
+        # Graphs hold the buffers' addresses: they die with them.
+        self._graphs.clear()
+        self._warm.clear()
+        self._buffers = {}
+
+    def _unload(self) -> None:
+        self.model = None
+        self._stream = None
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def create_for_pipeline(model: JavisDiT, device: torch.device | str = "cpu", **options: Any) -> Any:
+    """Factory with the signature of ``runtime/backends/__init__.py``'s BACKENDS entries
+    (``options``: ``ops``, ``cuda_graphs``); returns a :class:`~javisrt.runtime.engine.PipelineEngine`."""
+    from javisrt.runtime.engine import PipelineEngine
+
+    contract = DiTContract.for_config(model.cfg)
+    return PipelineEngine(TorchBackend(contract, model=model, device=device, **options))
