@@ -112,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
     from javisrt.engine.checkpoint import load_model
     from javisrt.export.fp8_rules import audit_ops, check_fp8
     from javisrt.export.onnx import export_dit, save
+    from javisrt.export.trt_build import META_CHECKPOINT
 
     if args.precision == "fp8" and args.flavor != "native":
         raise ConfigError("fp8 export is the native flavour only (modelopt Q/DQ on MatMul attention)")
@@ -143,6 +144,9 @@ def run(args: argparse.Namespace) -> int:
         checks["op_audit"] = [str(v) for v in audit_ops(graph)]
         bar.update()
         bar.set_postfix_str("writing")
+        # The engine builder records this in the engine's metadata (and a refit updates it), so a
+        # TensorRT backend can refuse an engine built from another checkpoint.
+        graph.metadata_props.add(key=META_CHECKPOINT, value=ckpt_hash)
         graph_path = save(graph, out / "dit.onnx")
         bar.update()
         files = [graph_path.name] + ([graph_path.name + ".data"] if (out / (graph_path.name + ".data")).exists() else [])

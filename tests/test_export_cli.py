@@ -42,6 +42,10 @@ def test_cli_bf16_plugin(checkpoint: Path, tmp_path: Path) -> None:
     graph = onnx.load(str(tmp_path / "dit.onnx"))
     assert contract_of(graph) == contract
     assert any(n.domain == "javisrt" for n in graph.graph.node)
+    # the engine builder reads the checkpoint hash from the graph (export/trt_build.read_artifact)
+    from javisrt.export.trt_build import read_artifact
+
+    assert read_artifact(tmp_path / "dit.onnx").checkpoint_sha256 == manifest["checkpoint"]["hash"]
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script:DeprecationWarning")  # modelopt 0.47 on torch 2.13
