@@ -1,1 +1,82 @@
-"""javisrt.runtime.backends: torch | onnxruntime | tensorrt behind one Engine interface."""
+"""javisrt.runtime.backends: the one seam where the DiT implementation is chosen.
+
+Every backend implements the small :class:`Engine` protocol (architecture.md): ``load``,
+``allocate(shapes)``, ``infer(inputs) -> outputs``, ``unload``. Tensor names follow the export
+contract (``export/contract.py``): inputs ``video`` [2B,16,T,H8,W8], ``audio`` [2B,8,Tm4,16],
+``timestep`` [2B], ``context`` [2B,text_len,text_dim] (zero-padded, masked positions zeroed);
+outputs ``video_velocity`` / ``audio_velocity`` (fp32, the RF velocity x0 - noise). A modality that
+is not generated is simply absent from both.
+
+Registered names:
+  ``torch``        eager :class:`~javisrt.engine.model.JavisDiT` (any mode, t2a included; the default)
+  ``torch-engine`` the contract Engine over the same model (``backends/torch_engine.py``: RoPE tables as
+                   inputs, optional CUDA graphs), through ``runtime/engine.py``'s ``PipelineEngine``
+  ``onnxruntime``  an exported graph (option ``onnx_path``), ``backends/onnxruntime.py``
+  ``tensorrt``     a serialized plan (option ``plan_path``, CUDA only), ``backends/tensorrt.py``
+The last three are imported on first use (their runtimes are optional) and run t2av / t2v graphs only.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from javisrt.engine.errors import ConfigError, UnavailableError
+from javisrt.engine.model import JavisDiT
+from javisrt.runtime.backends.torch_backend import TorchEngine
+
+__all__ = ["BACKENDS", "Engine", "TorchEngine", "create_engine"]
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A DiT executor with an explicit lifecycle."""
+
+    name: str
+
+    def load(self) -> None: ...
+
+    def allocate(self, shapes: Mapping[str, tuple[int, ...]]) -> None: ...
+
+    def infer(
+        self, inputs: Mapping[str, torch.Tensor], *, video_latent_frames: int | None = None
+    ) -> dict[str, torch.Tensor]: ...
+
+    def unload(self) -> None: ...
+
+
+def _lazy(module: str) -> Callable[..., Engine]:
+    """A factory that imports ``module`` on first use and calls its ``create_for_pipeline``."""
+
+    def factory(model: JavisDiT, device: torch.device | str = "cpu", **options: Any) -> Engine:
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as exc:
+            raise UnavailableError(f"backend module {module} cannot be imported: {exc}") from exc
+        engine: Engine = mod.create_for_pipeline(model, device=device, **options)
+        return engine
+
+    return factory
+
+
+# name -> factory(model, device, **options)
+BACKENDS: dict[str, Callable[..., Engine]] = {
+    "torch": TorchEngine,
+    "torch-engine": _lazy("javisrt.runtime.backends.torch_engine"),
+    "onnxruntime": _lazy("javisrt.runtime.backends.onnxruntime"),
+    "tensorrt": _lazy("javisrt.runtime.backends.tensorrt"),
+}
+
+
+def create_engine(name: str, model: JavisDiT, device: torch.device | str = "cpu", **options: Any) -> Engine:
+    """The engine registered as ``name``, loaded and ready; unknown names raise ConfigError."""
+    try:
+        factory = BACKENDS[name]
+    except KeyError:
+        raise ConfigError(f"unknown backend {name!r}; available: {sorted(BACKENDS)}") from None
+    engine = factory(model, device=device, **options)
+    engine.load()
+    return engine

@@ -1,0 +1,360 @@
+"""``javisrt`` command line: ``demo``, ``generate`` (and ``export`` when javisrt.export.cli exists).
+
+This module is the only place that reads argv; it builds a :class:`GenerationConfig` from the flags
+and hands it to the library. Typed javisrt errors become one-line messages and exit code 2.
+
+    javisrt demo [--out demo.mp4]                       tiny random weights, no files needed
+    javisrt generate --checkpoint DIR --wan-dir DIR --audioldm2-dir DIR --prompt "..." [-o samples]
+    javisrt generate --tiny --prompt-file prompts.csv   (csv: column ``text``, optional ``audio_text``, ``id``)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import importlib.util
+import logging
+import re
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from javisrt.engine.config import GenerationMode
+from javisrt.engine.errors import ConfigError, JavisError, UnavailableError
+
+log = logging.getLogger("javisrt")
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+# ---- prompts ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PromptItem:
+    name: str  # output file stem
+    text: str  # video / joint prompt (csv column ``text``)
+    audio_text: str | None = None  # csv column ``audio_text`` (used in t2a, like JavisBench)
+
+    def prompt_for(self, mode: GenerationMode) -> str:
+        if mode is GenerationMode.T2A and self.audio_text:
+            return self.audio_text
+        return self.text
+
+
+def _safe_stem(value: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", value).strip("._")
+    return stem[:100] or "sample"
+
+
+def read_prompts(prompts: Sequence[str], prompt_file: str | None, prefix: str = "sample") -> list[PromptItem]:
+    """Prompts from ``--prompt`` (repeatable) or a .txt (one per line) / .csv (``text``[, ``audio_text``, ``id``]) file."""
+    texts: list[tuple[str | None, str, str | None]] = [(None, p, None) for p in prompts]
+    if prompt_file is not None:
+        path = Path(prompt_file)
+        if not path.is_file():
+            raise ConfigError(f"prompt file not found: {path}")
+        if path.suffix.lower() == ".csv":
+            with path.open(newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                if reader.fieldnames is None or "text" not in reader.fieldnames:
+                    raise ConfigError(f"{path}: a prompt csv needs a 'text' column, got {reader.fieldnames}")
+                for row in reader:
+                    texts.append((row.get("id") or None, row["text"] or "", row.get("audio_text") or None))
+        else:
+            for line in path.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    texts.append((None, line.strip(), None))
+    if not texts:
+        raise ConfigError("no prompts: give --prompt or --prompt-file")
+    items = []
+    for i, (ident, text, audio_text) in enumerate(texts):
+        if not text.strip():
+            raise ConfigError(f"prompt {i} is empty")
+        items.append(PromptItem(_safe_stem(ident) if ident else f"{prefix}_{i:04d}", text, audio_text))
+    names = [it.name for it in items]
+    if len(set(names)) != len(names):
+        raise ConfigError("prompt ids are not unique; output files would overwrite each other")
+    return items
+
+
+# ---- progress bars --------------------------------------------------------------------------------
+class ProgressBars:
+    """A tqdm bar per pipeline stage ("denoise" steps, "decode" modalities); silent when quiet."""
+
+    def __init__(self, quiet: bool, label: str = "") -> None:
+        self.quiet = quiet
+        self.label = label
+        self._bars: dict[str, Any] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.quiet or stage == "text":
+            return
+        from tqdm import tqdm
+
+        bar = self._bars.get(stage)
+        if bar is None:
+            desc = f"{self.label} {stage}".strip()
+            bar = self._bars[stage] = tqdm(total=total, desc=desc, unit="step" if stage == "denoise" else "stream",
+                                           leave=False, file=sys.stderr)  # fmt: skip
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    def close(self) -> None:
+        for bar in self._bars.values():
+            bar.close()
+        self._bars.clear()
+
+
+# ---- argument parsing -----------------------------------------------------------------------------------
+def _add_weights(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("weights (local directories; nothing is downloaded)")
+    g.add_argument("--checkpoint", help="DiT: official JavisDiT++ dir (model/ [+ lora/]), a Wan2.1 dir or a javisrt file")
+    g.add_argument("--wan-dir", help="Wan2.1 dir: vae/, text_encoder/, tokenizer/ (diffusers layout) or the original .pth files")
+    g.add_argument("--audioldm2-dir", help="AudioLDM2 dir: vae/, vocoder/")
+    g.add_argument("--config", help="network preset when the checkpoint does not say (e.g. javisdit-v1.0)")
+    g.add_argument("--device", default="cpu", help="torch device for every component (default: cpu)")
+    g.add_argument("--engine-file", help="compiled DiT for --backend onnxruntime (.onnx) or tensorrt (.plan)")
+
+
+def _add_request(p: argparse.ArgumentParser, *, frames: int, steps: int, seed: int) -> None:
+    g = p.add_argument_group("request")
+    g.add_argument("--frames", type=int, default=frames, help=f"frames at 16 fps, 4n+1 in 33..81 (default {frames})")
+    g.add_argument("--resolution", default="240p", help="bucket: 144p, 240p, 360p, 480p (default 240p)")
+    g.add_argument("--aspect-ratio", default="9:16", help="bucket H:W key, reference naming: 9:16 = landscape (default)")
+    g.add_argument("--height", type=int, help="explicit height (with --width; overrides the bucket)")
+    g.add_argument("--width", type=int, help="explicit width (with --height)")
+    g.add_argument("--steps", type=int, default=steps, help=f"sampling steps (default {steps})")
+    g.add_argument("--guidance", type=float, default=5.0, help="CFG scale, both modalities (default 5.0)")
+    g.add_argument("--audio-guidance", type=float, help="CFG scale for audio (default: --guidance)")
+    g.add_argument("--seed", type=int, default=seed, help=f"noise seed; prompt i of a file uses seed + i (default {seed})")
+    g.add_argument("--mode", choices=[m.value for m in GenerationMode], default="t2av")
+    g.add_argument("--negative-prompt", help="unconditional text (default: the released negative prompt)")
+    g.add_argument("--backend", default="torch", help="DiT backend: torch, torch-engine, onnxruntime, tensorrt")
+
+
+def _add_output(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings and errors only")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="javisrt", description="JavisDiT++ inference: text -> video with audio")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    demo = sub.add_parser("demo", help="run the whole pipeline with tiny random weights and write demo.mp4")
+    demo.add_argument("--out", default="demo.mp4", help="output MP4 (default ./demo.mp4)")
+    demo.add_argument("--prompt", help="prompt (default: a fixed demo prompt)")
+    demo.add_argument("--seed", type=int, default=42, help="noise seed (default 42)")
+    demo.add_argument("--steps", type=int, help="sampling steps (default: 20 tiny, 50 with real weights)")
+    demo.add_argument("--frames", type=int, help="frames, 4n+1 in 33..81 (default: 33 tiny, 65 with real weights)")
+    demo.add_argument("--mode", choices=[m.value for m in GenerationMode], default="t2av")
+    demo.add_argument("--backend", default="torch", help="DiT backend: torch, torch-engine, onnxruntime, tensorrt")
+    _add_weights(demo)
+    _add_output(demo)
+    demo.set_defaults(func=cmd_demo)
+
+    gen = sub.add_parser("generate", help="generate MP4s for prompts")
+    src = gen.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    src.add_argument("--prompt-file", help=".txt (one prompt per line) or .csv (text[, audio_text, id])")
+    gen.add_argument("-o", "--output-dir", default="samples", help="output directory (default ./samples)")
+    gen.add_argument("--name-prefix", default="sample", help="file names: PREFIX_0000.mp4 ... (csv 'id' wins)")
+    gen.add_argument("--skip-existing", action="store_true", help="skip prompts whose MP4 already exists")
+    gen.add_argument("--tiny", action="store_true", help="use the tiny random-weight pipeline (no weights needed)")
+    _add_weights(gen)
+    _add_request(gen, frames=65, steps=50, seed=42)
+    _add_output(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    _register_export(sub)
+    return parser
+
+
+def _register_export(sub: Any) -> None:
+    """Add ``javisrt export`` from ``javisrt.export.cli`` (``register(subparsers)`` + ``run(args)``).
+
+    Skipped (debug log) only when that module does not exist; if it exists but fails to import, the
+    error is logged as a warning and ``javisrt export`` reports it, while the other commands work.
+    """
+    error: ImportError | None = None
+    try:
+        spec = importlib.util.find_spec("javisrt.export.cli")
+    except ImportError as exc:  # the javisrt.export package itself fails to import
+        spec, error = None, exc
+    if spec is None and error is None:
+        log.debug("javisrt.export.cli does not exist; no export command")
+        return
+    if error is None:
+        try:
+            module = importlib.import_module("javisrt.export.cli")
+        except ImportError as exc:
+            error = exc
+    if error is not None:
+        log.warning("javisrt export is unavailable: %s: %s", type(error).__name__, error)
+        stub = sub.add_parser("export", help="(unavailable: the export module failed to import)")
+        stub.set_defaults(func=lambda args: _raise(error))
+        return
+    if not hasattr(module, "register"):
+        log.debug("javisrt.export.cli has no register(); no export command")
+        return
+    before = set(sub.choices)
+    module.register(sub)
+    run = getattr(module, "run", None)
+    for name in set(sub.choices) - before:  # the parsers it added run through export.cli.run(args)
+        parser = sub.choices[name]
+        if run is not None and parser.get_default("func") is None:
+            parser.set_defaults(func=run)
+
+
+def _raise(error: BaseException) -> int:
+    raise UnavailableError(f"javisrt export is unavailable: {type(error).__name__}: {error}") from error
+
+
+# ---- commands --------------------------------------------------------------------------------------------
+def generation_config(args: argparse.Namespace) -> Any:
+    """The frozen GenerationConfig for the request flags."""
+    from javisrt.runtime.pipeline import GenerationConfig
+    from javisrt.runtime.text import NEGATIVE_PROMPT
+
+    guidance = args.guidance if args.audio_guidance is None else (args.guidance, args.audio_guidance)
+    return GenerationConfig(
+        num_frames=args.frames,
+        resolution=args.resolution,
+        aspect_ratio=args.aspect_ratio,
+        height=args.height,
+        width=args.width,
+        steps=args.steps,
+        guidance=guidance,
+        seed=args.seed,
+        mode=args.mode,
+        negative_prompt=NEGATIVE_PROMPT if args.negative_prompt is None else args.negative_prompt,
+    )
+
+
+def backend_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``--engine-file`` as the option its backend expects."""
+    if args.engine_file is None:
+        return {}
+    key = {"onnxruntime": "onnx_path", "tensorrt": "plan_path"}.get(args.backend)
+    if key is None:
+        raise ConfigError(f"--engine-file is for --backend onnxruntime or tensorrt, not {args.backend!r}")
+    return {key: args.engine_file}
+
+
+def _load_pipeline(args: argparse.Namespace, tiny: bool) -> Any:
+    from javisrt.runtime.demo import build_tiny_pipeline
+    from javisrt.runtime.pipeline import JavisPipeline
+
+    if tiny:
+        if args.checkpoint or args.wan_dir or args.audioldm2_dir:
+            raise ConfigError("--tiny uses random weights; do not combine it with --checkpoint/--wan-dir/--audioldm2-dir")
+        return build_tiny_pipeline(backend=args.backend, backend_options=backend_options(args))
+    if not args.checkpoint or not args.wan_dir:
+        raise ConfigError("real weights need --checkpoint and --wan-dir (and --audioldm2-dir for audio); or use --tiny")
+    return JavisPipeline.from_pretrained(
+        args.checkpoint,
+        args.wan_dir,
+        args.audioldm2_dir,
+        config=args.config,
+        device=args.device,
+        backend=args.backend,
+        backend_options=backend_options(args),
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from javisrt.runtime.media import check_writable_dir
+
+    config = generation_config(args)
+    items = read_prompts(args.prompt, args.prompt_file, args.name_prefix)
+    out_dir = Path(args.output_dir)
+    check_writable_dir(out_dir)
+    todo = []
+    for i, item in enumerate(items):
+        path = out_dir / f"{item.name}.mp4"
+        if args.skip_existing and path.exists():
+            log.info("skip %s (exists)", path)
+            continue
+        todo.append((i, item, path))
+    if not todo:
+        log.info("nothing to do: all %d outputs exist", len(items))
+        return 0
+    pipe = _load_pipeline(args, args.tiny)
+    pipe.check(config)  # mode vs checkpoint before any work
+    mode = GenerationMode(config.mode)
+    for n, (i, item, path) in enumerate(todo):
+        bars = ProgressBars(args.quiet, label=f"[{n + 1}/{len(todo)}]")
+        try:
+            result = pipe(item.prompt_for(mode), config, progress=bars, seed=config.seed + i)
+        finally:
+            bars.close()
+        result.save(path)
+        log.info("[%d/%d] %s", n + 1, len(todo), path)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from javisrt.runtime.demo import DEMO_PROMPT, demo_config, run_demo
+    from javisrt.runtime.pipeline import GenerationConfig
+
+    real = bool(args.checkpoint or args.wan_dir or args.audioldm2_dir)
+    given = {k: v for k, v in (("steps", args.steps), ("num_frames", args.frames)) if v is not None}
+    if real:  # the released defaults (240p 9:16, 65 frames, 50 steps) unless overridden
+        pipe = _load_pipeline(args, tiny=False)
+        config = GenerationConfig(seed=args.seed, mode=args.mode, **given)
+    else:
+        pipe = _load_pipeline(args, tiny=True)
+        config = demo_config(seed=args.seed, mode=args.mode, **given)
+    bars = ProgressBars(args.quiet, label="demo")
+    try:
+        report = run_demo(args.out, pipeline=pipe, config=config, prompt=args.prompt or DEMO_PROMPT, progress=bars)
+    finally:
+        bars.close()
+    print(report.describe(real_weights=real))  # the command's user-facing output, not a log line
+    return 0
+
+
+# ---- entry ---------------------------------------------------------------------------------------------
+def _setup_logging(quiet: bool, verbose: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("javisrt")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+    if quiet:  # third-party "Loading weights" bars
+        import diffusers.utils.logging as diffusers_logging
+        import transformers.utils.logging as transformers_logging
+
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("-q", "--quiet", action="store_true")
+    pre.add_argument("-v", "--verbose", action="store_true")
+    known, _ = pre.parse_known_args(argv)
+    _setup_logging(known.quiet, known.verbose)
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return int(func(args) or 0)
+    except (JavisError, NotImplementedError) as exc:
+        log.debug("traceback", exc_info=True)
+        log.error("%s", exc)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

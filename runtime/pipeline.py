@@ -1,0 +1,317 @@
+"""``JavisPipeline``: prompt -> frames + waveform -> MP4. It only wires the runtime modules together:
+
+    text.py     TextEncoder      prompt + negative prompt -> [2, text_len, text_dim] (cached)
+    latents.py  latent_geometry  shapes; draw_noise: seeded bf16 noise, video then audio
+    sampling.py sample           the C++ loop (javisrt._sampler) calling back into ...
+    backends/   Engine           ... the DiT on the [cond; uncond] batch
+    decode.py   Video/AudioDecoder  Wan VAE; AudioLDM2 VAE + HiFi-GAN
+    media.py    write_mp4        H.264 16 fps + AAC 16 kHz, atomic
+
+A request is a frozen :class:`GenerationConfig`; the CLI builds it from flags, library code never
+reads argv or the environment.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from javisrt.engine.checkpoint import load_model
+from javisrt.engine.config import GenerationMode, JavisConfig
+from javisrt.engine.errors import CheckpointError, ConfigError, JavisError
+from javisrt.engine.model import JavisDiT, Numerics
+from javisrt.runtime import sampling
+from javisrt.runtime.backends import Engine, create_engine
+from javisrt.runtime.decode import AudioDecoder, VideoDecoder
+from javisrt.runtime.latents import (
+    FPS,
+    MAX_FRAMES,
+    MIN_FRAMES,
+    SAMPLE_RATE,
+    LatentGeometry,
+    bucket_size,
+    check_num_frames,
+    draw_noise,
+    latent_geometry,
+)
+from javisrt.runtime.media import write_mp4
+from javisrt.runtime.text import NEGATIVE_PROMPT, PromptCache, TextEncoder
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+"""``progress(stage, done, total)``; stages: "text", "denoise" (per step), "decode"."""
+
+
+class GenerationCancelled(JavisError):
+    """The ``cancel`` callback stopped the sampling loop."""
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """One request. Size: a bucket (``resolution`` + ``aspect_ratio``, latents.py) unless both
+    ``height`` and ``width`` are given. ``guidance``: one CFG scale for both modalities or a
+    (video, audio) pair (released: 5.0 for both). Defaults are the released sampler (§6.1)."""
+
+    num_frames: int = 65
+    resolution: str = "240p"
+    aspect_ratio: str = "9:16"
+    height: int | None = None
+    width: int | None = None
+    steps: int = 50
+    guidance: float | tuple[float, float] = 5.0
+    seed: int = 42
+    mode: GenerationMode | str = GenerationMode.T2AV
+    negative_prompt: str = NEGATIVE_PROMPT
+    min_frames: int = MIN_FRAMES
+    max_frames: int = MAX_FRAMES
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        try:
+            set_(self, "mode", GenerationMode(self.mode))
+        except ValueError:
+            raise ConfigError(f"unknown mode {self.mode!r}; known: {[m.value for m in GenerationMode]}") from None
+        check_num_frames(self.num_frames, self.min_frames, self.max_frames)
+        if (self.height is None) != (self.width is None):
+            raise ConfigError("give both height and width, or neither (then resolution + aspect_ratio pick a bucket)")
+        if self.height is None:
+            bucket_size(self.resolution, self.aspect_ratio)  # validates both names
+        elif not all(isinstance(v, int) and v > 0 and v % 2 == 0 for v in (self.height, self.width)):
+            raise ConfigError(f"height and width must be positive even ints, got {self.height}x{self.width}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ConfigError(f"steps must be an int >= 1, got {self.steps!r}")
+        g = self.guidance
+        pair = (float(g), float(g)) if isinstance(g, (int, float)) else tuple(float(x) for x in g)
+        if len(pair) != 2 or not all(math.isfinite(x) for x in pair):
+            raise ConfigError(f"guidance must be a finite scale or a (video, audio) pair, got {g!r}")
+        set_(self, "guidance", pair)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must be an int in [0, 2^63), got {self.seed!r}")
+        if not isinstance(self.negative_prompt, str):
+            raise ConfigError("negative_prompt must be a string")
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """Requested (H, W) in pixels (the decoded frames are rounded up to a multiple of 16)."""
+        if self.height is not None and self.width is not None:
+            return self.height, self.width
+        return bucket_size(self.resolution, self.aspect_ratio)
+
+    @property
+    def video_guidance(self) -> float:
+        return self.guidance[0]  # type: ignore[index]
+
+    @property
+    def audio_guidance(self) -> float:
+        return self.guidance[1]  # type: ignore[index]
+
+    def geometry(self) -> LatentGeometry:
+        h, w = self.size
+        return latent_geometry(
+            self.num_frames, h, w, self.mode, min_frames=self.min_frames, max_frames=self.max_frames
+        )
+
+
+@dataclass
+class GenerationResult:
+    """``frames`` uint8 [F, H, W, 3] (None in t2a), ``waveform`` float32 [N] at 16 kHz (None in t2v)."""
+
+    frames: np.ndarray | None
+    waveform: np.ndarray | None
+    prompt: str
+    config: GenerationConfig
+    fps: int = FPS
+    sample_rate: int = SAMPLE_RATE
+    sampler: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write an MP4 (H.264 + AAC; one stream in t2v/t2a) atomically; returns the path."""
+        return write_mp4(path, self.frames, self.waveform, fps=self.fps, sample_rate=self.sample_rate)
+
+
+class JavisPipeline:
+    """Text -> sounding video. Build with :meth:`from_pretrained` (local weights) or
+    :func:`javisrt.runtime.demo.build_tiny_pipeline` (random tiny weights); call with a prompt."""
+
+    def __init__(
+        self,
+        dit: JavisDiT,
+        text_encoder: TextEncoder,
+        video_decoder: VideoDecoder | None,
+        audio_decoder: AudioDecoder | None,
+        *,
+        backend: str = "torch",
+        backend_options: Mapping[str, Any] | None = None,
+        device: torch.device | str = "cpu",
+        name: str = "",
+    ) -> None:
+        self.cfg: JavisConfig = dit.cfg
+        if text_encoder.dim != self.cfg.text_dim:
+            raise ConfigError(
+                f"text encoder width {text_encoder.dim} != the DiT's text_dim {self.cfg.text_dim} ({self.cfg.name})"
+            )
+        if text_encoder.text_len > self.cfg.text_len:
+            raise ConfigError(f"text encoder pads to {text_encoder.text_len} > the DiT's text_len {self.cfg.text_len}")
+        self.dit = dit
+        self.text_encoder = text_encoder
+        self.video_decoder = video_decoder
+        self.audio_decoder = audio_decoder
+        self.device = torch.device(device)
+        self.name = name or self.cfg.name
+        self.engine: Engine = create_engine(backend, dit, device=self.device, **dict(backend_options or {}))
+        self.backend = backend
+
+    # ---- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        checkpoint: str | os.PathLike[str],
+        wan_dir: str | os.PathLike[str],
+        audioldm2_dir: str | os.PathLike[str] | None = None,
+        *,
+        config: JavisConfig | str | None = None,
+        numerics: Numerics | str = Numerics.OFFICIAL,
+        device: torch.device | str = "cpu",
+        decoder_dtype: torch.dtype = torch.float32,
+        text_dtype: torch.dtype = torch.bfloat16,
+        backend: str = "torch",
+        backend_options: Mapping[str, Any] | None = None,
+        text_cache: PromptCache | None = None,
+    ) -> JavisPipeline:
+        """Load everything from local directories (no hub):
+
+        ``checkpoint``: the DiT (official ``model/`` [+ ``lora/``] dir, a Wan2.1 dir, or a javisrt
+        file — see engine/checkpoint.py); ``wan_dir``: Wan2.1 with the video VAE, umT5 encoder and
+        tokenizer; ``audioldm2_dir``: ``vae/`` + ``vocoder/`` (not needed for a t2v checkpoint).
+        """
+        for what, path in (("checkpoint", checkpoint), ("Wan2.1 directory", wan_dir)):
+            if not Path(path).exists():
+                raise CheckpointError(f"{what} not found: {path}")
+        dit = load_model(checkpoint, config=config, numerics=numerics, device=device)
+        text = TextEncoder.from_pretrained(
+            wan_dir, dtype=text_dtype, device=device, text_len=dit.cfg.text_len, cache=text_cache
+        )
+        video = VideoDecoder.from_pretrained(wan_dir, device=device, dtype=decoder_dtype)
+        audio = None
+        if dit.cfg.has_audio:
+            if audioldm2_dir is None:
+                raise CheckpointError(f"{checkpoint} has an audio branch: pass the AudioLDM2 directory (vae/, vocoder/)")
+            audio = AudioDecoder.from_pretrained(audioldm2_dir, device=device, dtype=decoder_dtype)
+        return cls(
+            dit, text, video, audio, backend=backend, backend_options=backend_options, device=device,
+            name=str(checkpoint),
+        )  # fmt: skip
+
+    # ---- checks ----------------------------------------------------------------------------------
+    def check(self, config: GenerationConfig) -> LatentGeometry:
+        """Validate a request against this pipeline (mode vs checkpoint, decoders); returns its geometry."""
+        mode = GenerationMode(config.mode)
+        if not self.cfg.supports(mode):
+            raise ConfigError(
+                f"mode {mode.value} needs an audio branch, but the checkpoint {self.name!r} is a "
+                f"{self.cfg.model_type.value} model; use --mode t2v or a JavisDiT++ (t2av) checkpoint"
+            )
+        if mode is not GenerationMode.T2A and self.video_decoder is None:
+            raise ConfigError(f"mode {mode.value} needs the video VAE, which this pipeline was built without")
+        if mode is not GenerationMode.T2V and self.audio_decoder is None:
+            raise ConfigError(f"mode {mode.value} needs the audio VAE + vocoder, which this pipeline was built without")
+        return config.geometry()
+
+    # ---- generation ------------------------------------------------------------------------------
+    def __call__(
+        self,
+        prompt: str,
+        config: GenerationConfig | None = None,
+        *,
+        progress: Progress | None = None,
+        cancel: Callable[[], bool] | None = None,
+        **overrides: Any,
+    ) -> GenerationResult:
+        """Generate one sample. ``overrides`` are GenerationConfig fields (``num_frames=33, seed=1``)."""
+        config = replace(config or GenerationConfig(), **overrides) if overrides else (config or GenerationConfig())
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ConfigError("the prompt is empty")
+        geo = self.check(config)
+        mode = GenerationMode(config.mode)
+        timings: dict[str, float] = {}
+        report = progress or (lambda stage, done, total: None)
+
+        # 1. text: [cond; uncond] — the negative prompt is the unconditional branch (§6.1)
+        t0 = time.perf_counter()
+        report("text", 0, 1)
+        emb = self.text_encoder.encode([prompt, config.negative_prompt])
+        context = emb.context * emb.mask.unsqueeze(-1).to(emb.context.dtype)
+        report("text", 1, 1)
+        timings["text_s"] = time.perf_counter() - t0
+
+        # 2. noise, video first then audio (§6.1)
+        video0, audio0 = draw_noise(geo, config.seed, batch=1, device=self.device)
+        latents = [x.cpu().numpy() for x in (video0, audio0) if x is not None]
+        names = [n for n, x in (("video", video0), ("audio", audio0)) if x is not None]
+        guidance = tuple(
+            g for g, x in ((config.video_guidance, video0), (config.audio_guidance, audio0)) if x is not None
+        )
+
+        # 3. the sampling loop (C++ when built), calling the engine on the CFG batch
+        h, w = config.size
+        sampler_cfg = sampling.SamplerConfig.rflow(h, w, config.num_frames, config.steps, guidance)
+        timestep_frames = geo.video_latent_frames if mode is GenerationMode.T2A else None
+        ctx = context.to(self.device)
+
+        def denoiser(inputs: list[np.ndarray], timesteps: np.ndarray) -> list[np.ndarray]:
+            feed = {name: torch.tensor(x, device=self.device) for name, x in zip(names, inputs)}
+            feed["timestep"] = torch.tensor(timesteps, device=self.device)
+            feed["context"] = ctx
+            out = self.engine.infer(feed, video_latent_frames=timestep_frames)
+            return [np.ascontiguousarray(out[f"{n}_velocity"].float().cpu().numpy()) for n in names]
+
+        def on_step(done: int, total: int, t: float, seconds: float) -> None:
+            report("denoise", done, total)
+
+        t0 = time.perf_counter()
+        report("denoise", 0, config.steps)
+        result = sampling.sample(latents, denoiser, sampler_cfg, on_step, cancel)
+        timings["denoise_s"] = time.perf_counter() - t0
+        if result.cancelled:
+            raise GenerationCancelled(f"cancelled after {result.steps_done} of {config.steps} steps")
+        final = dict(zip(names, result.latents))
+
+        # 4. decode
+        t0 = time.perf_counter()
+        n_dec = len(names)
+        report("decode", 0, n_dec)
+        frames = waveform = None
+        if "video" in final:
+            assert self.video_decoder is not None
+            frames = self.video_decoder.decode(torch.from_numpy(np.array(final["video"])))[0]
+            report("decode", 1, n_dec)
+        if "audio" in final:
+            assert self.audio_decoder is not None
+            waveform = self.audio_decoder.decode(torch.from_numpy(np.array(final["audio"])), geo.num_samples)[0]
+            report("decode", n_dec, n_dec)
+        timings["decode_s"] = time.perf_counter() - t0
+        log.info(
+            "generated %s: %d steps (%s loop) in %.2f s, decode %.2f s",
+            mode.value, result.steps_done, sampling.backend(), timings["denoise_s"], timings["decode_s"],
+        )  # fmt: skip
+        return GenerationResult(
+            frames=frames,
+            waveform=waveform,
+            prompt=prompt,
+            config=config,
+            sampler=sampling.backend(),
+            timings=timings,
+        )
+
+    generate = __call__
