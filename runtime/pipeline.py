@@ -3,7 +3,7 @@
     text.py     TextEncoder      prompt + negative prompt -> [2, text_len, text_dim] (cached)
     latents.py  latent_geometry  shapes; draw_noise: seeded bf16 noise, video then audio
     sampling.py sample           the C++ loop (javisrt._sampler) calling back into ...
-    backends/   Engine           ... the DiT on the [cond; uncond] batch
+    backends/   PipelineBackend  ... the DiT on the [cond; uncond] batch
     decode.py   Video/AudioDecoder  Wan VAE; AudioLDM2 VAE + HiFi-GAN
     media.py    write_mp4        H.264 16 fps + AAC 16 kHz, atomic
 
@@ -30,7 +30,7 @@ from javisrt.engine.config import GenerationMode, JavisConfig
 from javisrt.engine.errors import CheckpointError, ConfigError, JavisError
 from javisrt.engine.model import JavisDiT, Numerics
 from javisrt.runtime import sampling
-from javisrt.runtime.backends import Engine, create_engine
+from javisrt.runtime.backends import PipelineBackend, create_backend
 from javisrt.runtime.decode import AudioDecoder, VideoDecoder
 from javisrt.runtime.latents import (
     FPS,
@@ -169,7 +169,7 @@ class JavisPipeline:
         self.audio_decoder = audio_decoder
         self.device = torch.device(device)
         self.name = name or self.cfg.name
-        self.engine: Engine = create_engine(backend, dit, device=self.device, **dict(backend_options or {}))
+        self.engine: PipelineBackend = create_backend(backend, dit, device=self.device, **dict(backend_options or {}))
         self.backend = backend
 
     # ---- construction ------------------------------------------------------------------------

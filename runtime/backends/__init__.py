@@ -1,7 +1,10 @@
 """javisrt.runtime.backends: the one seam where the DiT implementation is chosen.
 
-Every backend implements the small :class:`Engine` protocol (architecture.md): ``load``,
-``allocate(shapes)``, ``infer(inputs) -> outputs``, ``unload``. Tensor names follow the export
+Every backend implements the small :class:`PipelineBackend` protocol that the pipeline drives:
+``load``, ``allocate(shapes)``, ``infer(inputs) -> outputs``, ``unload``. It is the pipeline-facing
+face of the contract-level :class:`javisrt.runtime.engine.Engine` (RoPE tables as inputs, shape
+buckets, device buffers, the C++-loop hand-off): every backend but the eager ``torch`` one is a
+contract Engine wrapped by ``runtime/engine.py``'s ``PipelineEngine``. Tensor names follow the export
 contract (``export/contract.py``): inputs ``video`` [2B,16,T,H8,W8], ``audio`` [2B,8,Tm4,16],
 ``timestep`` [2B], ``context`` [2B,text_len,text_dim] (zero-padded, masked positions zeroed);
 outputs ``video_velocity`` / ``audio_velocity`` (fp32, the RF velocity x0 - noise). A modality that
@@ -28,11 +31,11 @@ from javisrt.engine.errors import ConfigError, UnavailableError
 from javisrt.engine.model import JavisDiT
 from javisrt.runtime.backends.torch_backend import TorchEngine
 
-__all__ = ["BACKENDS", "Engine", "TorchEngine", "create_engine"]
+__all__ = ["BACKENDS", "PipelineBackend", "TorchEngine", "create_backend"]
 
 
 @runtime_checkable
-class Engine(Protocol):
+class PipelineBackend(Protocol):
     """A DiT executor with an explicit lifecycle."""
 
     name: str
@@ -48,22 +51,22 @@ class Engine(Protocol):
     def unload(self) -> None: ...
 
 
-def _lazy(module: str) -> Callable[..., Engine]:
+def _lazy(module: str) -> Callable[..., PipelineBackend]:
     """A factory that imports ``module`` on first use and calls its ``create_for_pipeline``."""
 
-    def factory(model: JavisDiT, device: torch.device | str = "cpu", **options: Any) -> Engine:
+    def factory(model: JavisDiT, device: torch.device | str = "cpu", **options: Any) -> PipelineBackend:
         try:
             mod = importlib.import_module(module)
         except ImportError as exc:
             raise UnavailableError(f"backend module {module} cannot be imported: {exc}") from exc
-        engine: Engine = mod.create_for_pipeline(model, device=device, **options)
+        engine: PipelineBackend = mod.create_for_pipeline(model, device=device, **options)
         return engine
 
     return factory
 
 
 # name -> factory(model, device, **options)
-BACKENDS: dict[str, Callable[..., Engine]] = {
+BACKENDS: dict[str, Callable[..., PipelineBackend]] = {
     "torch": TorchEngine,
     "torch-engine": _lazy("javisrt.runtime.backends.torch_engine"),
     "onnxruntime": _lazy("javisrt.runtime.backends.onnxruntime"),
@@ -71,7 +74,7 @@ BACKENDS: dict[str, Callable[..., Engine]] = {
 }
 
 
-def create_engine(name: str, model: JavisDiT, device: torch.device | str = "cpu", **options: Any) -> Engine:
+def create_backend(name: str, model: JavisDiT, device: torch.device | str = "cpu", **options: Any) -> PipelineBackend:
     """The engine registered as ``name``, loaded and ready; unknown names raise ConfigError."""
     try:
         factory = BACKENDS[name]
