@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from javisrt.bench.report import QueryTiming
+from javisrt.engine.errors import ConfigError
 
 
 class Target(Protocol):
@@ -37,9 +38,9 @@ class InferenceOptions:
 
     def __post_init__(self) -> None:
         if self.warm_up_ms < 0 or self.duration_s < 0:
-            raise ValueError("--warmUp and --duration must be >= 0")
+            raise ConfigError("--warmUp and --duration must be >= 0")
         if self.iterations < 1 or self.avg_runs < 1:
-            raise ValueError("--iterations and --avgRuns must be >= 1")
+            raise ConfigError("--iterations and --avgRuns must be >= 1")
 
 
 @dataclass(frozen=True)

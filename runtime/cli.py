@@ -1,4 +1,4 @@
-"""``javisrt`` command line: ``demo``, ``generate`` (and ``export`` when javisrt.export.cli exists).
+"""``javisrt`` command line: ``demo``, ``generate``, ``export``, ``build``, ``bench``.
 
 This module is the only place that reads argv; it builds a :class:`GenerationConfig` from the flags
 and hands it to the library. Typed javisrt errors become one-line messages and exit code 2.
@@ -6,6 +6,9 @@ and hands it to the library. Typed javisrt errors become one-line messages and e
     javisrt demo [--out demo.mp4]                       tiny random weights, no files needed
     javisrt generate --checkpoint DIR --wan-dir DIR --audioldm2-dir DIR --prompt "..." [-o samples]
     javisrt generate --tiny --prompt-file prompts.csv   (csv: column ``text``, optional ``audio_text``, ``id``)
+    javisrt export --checkpoint DIR --precision bf16|fp8 --flavor native|plugin --out DIR
+    javisrt build --onnx DIR --out engine.plan          (TensorRT, GPU only)
+    javisrt bench --backend torch|ort|trt [--compare BACKEND] [--pipeline]
 """
 
 from __future__ import annotations
@@ -171,48 +174,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output(gen)
     gen.set_defaults(func=cmd_generate)
 
-    _register_export(sub)
+    _register_subcommands(sub)
     return parser
 
 
-def _register_export(sub: Any) -> None:
-    """Add ``javisrt export`` from ``javisrt.export.cli`` (``register(subparsers)`` + ``run(args)``).
-
-    Skipped (debug log) only when that module does not exist; if it exists but fails to import, the
-    error is logged as a warning and ``javisrt export`` reports it, while the other commands work.
-    """
-    error: ImportError | None = None
-    try:
-        spec = importlib.util.find_spec("javisrt.export.cli")
-    except ImportError as exc:  # the javisrt.export package itself fails to import
-        spec, error = None, exc
-    if spec is None and error is None:
-        log.debug("javisrt.export.cli does not exist; no export command")
-        return
-    if error is None:
-        try:
-            module = importlib.import_module("javisrt.export.cli")
-        except ImportError as exc:
-            error = exc
-    if error is not None:
-        log.warning("javisrt export is unavailable: %s: %s", type(error).__name__, error)
-        stub = sub.add_parser("export", help="(unavailable: the export module failed to import)")
-        stub.set_defaults(func=lambda args: _raise(error))
-        return
-    if not hasattr(module, "register"):
-        log.debug("javisrt.export.cli has no register(); no export command")
-        return
-    before = set(sub.choices)
-    module.register(sub)
-    run = getattr(module, "run", None)
-    for name in set(sub.choices) - before:  # the parsers it added run through export.cli.run(args)
-        parser = sub.choices[name]
-        if run is not None and parser.get_default("func") is None:
-            parser.set_defaults(func=run)
+# Subcommands that live with their subsystem: each module has register(subparsers) and run(args).
+SUBCOMMAND_MODULES = ("javisrt.export.cli", "javisrt.export.trt_cli", "javisrt.bench.cli")
 
 
-def _raise(error: BaseException) -> int:
-    raise UnavailableError(f"javisrt export is unavailable: {type(error).__name__}: {error}") from error
+def _register_subcommands(sub: Any) -> None:
+    """Add ``export`` / ``build`` / ``bench``; a parser without its own ``func`` runs its module's ``run``."""
+    for name in SUBCOMMAND_MODULES:
+        module = importlib.import_module(name)
+        before = set(sub.choices)
+        module.register(sub)
+        for command in set(sub.choices) - before:
+            parser = sub.choices[command]
+            if parser.get_default("func") is None:
+                parser.set_defaults(func=module.run)
 
 
 # ---- commands --------------------------------------------------------------------------------------------

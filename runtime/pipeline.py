@@ -133,7 +133,8 @@ class GenerationResult:
     fps: int = FPS
     sample_rate: int = SAMPLE_RATE
     sampler: str = ""
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # text_s, denoise_s, video_/audio_decode_s, decode_s
+    step_times_s: tuple[float, ...] = ()  # wall time of each denoising step (the sampler's own timing)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write an MP4 (H.264 + AAC; one stream in t2v/t2a) atomically; returns the path."""
@@ -296,11 +297,13 @@ class JavisPipeline:
             assert self.video_decoder is not None
             frames = self.video_decoder.decode(torch.from_numpy(np.array(final["video"])))[0]
             report("decode", 1, n_dec)
+        timings["video_decode_s"] = time.perf_counter() - t0
         if "audio" in final:
             assert self.audio_decoder is not None
             waveform = self.audio_decoder.decode(torch.from_numpy(np.array(final["audio"])), geo.num_samples)[0]
             report("decode", n_dec, n_dec)
         timings["decode_s"] = time.perf_counter() - t0
+        timings["audio_decode_s"] = timings["decode_s"] - timings["video_decode_s"]
         log.info(
             "generated %s: %d steps (%s loop) in %.2f s, decode %.2f s",
             mode.value, result.steps_done, sampling.backend(), timings["denoise_s"], timings["decode_s"],
@@ -312,6 +315,7 @@ class JavisPipeline:
             config=config,
             sampler=sampling.backend(),
             timings=timings,
+            step_times_s=tuple(result.step_times_s),
         )
 
     generate = __call__

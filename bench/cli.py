@@ -1,0 +1,399 @@
+"""``javisrt bench``: trtexec-style benchmark of the DiT (or, with ``--pipeline``, of the whole pipeline).
+
+    javisrt bench --backend torch --preset tiny --frames 33 --height 64 --width 64
+    javisrt bench --backend torch --compare ort --preset tiny --iterations 20 --duration 0
+    javisrt bench --backend trt --engine dit.plan --resolution 240p --frames 65
+    javisrt bench --pipeline --preset tiny
+
+Flags follow trtexec where they apply (shared/tensorrt-notes.md §7); the report is trtexec's
+"Performance summary" (bench/report.py) plus achieved FLOP/s from model-spec §8 (engine/flops.py)
+and, on a known GPU, the fraction of its dense peak. Each run can append a row with provenance to
+CSV/JSON-lines files (bench/results.py).
+
+Timing: every phase of a query is timed on the host clock, with a device synchronize after it on
+GPU backends (so "GPU Compute Time" includes the synchronize; trtexec uses CUDA events). On the CPU
+there are no transfers: H2D/D2H time the copies into and out of the engine's bound buffers, unless
+``--noDataTransfers`` (inputs written once, outputs left in place).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from javisrt.bench.measure import InferenceOptions, Measurement, measure, measure_interleaved, paired_ratio, trace_lines
+from javisrt.bench.report import QueryTiming, export_times, format_summary, summarize_queries
+from javisrt.bench.results import append_row, device_name
+from javisrt.engine.errors import ConfigError, UnavailableError
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("torch", "ort", "trt")
+# Dense tensor-core peaks (TFLOP/s) by device-name substring: shared/perf-anchors.md (H100 SXM datasheet;
+# the H200 has the H100's arithmetic rates).
+DEVICE_PEAK_TFLOPS = {"H100": {"bf16": 989.0, "fp8": 1979.0}, "H200": {"bf16": 989.0, "fp8": 1979.0}}
+
+
+# ---- options -----------------------------------------------------------------------------------------
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "bench", help="trtexec-style benchmark of the DiT (or the whole pipeline)", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    m = p.add_argument_group("Model options")
+    m.add_argument("--backend", choices=BACKENDS, default="torch", help="engine backend (default torch)")
+    m.add_argument("--checkpoint", type=Path, help="DiT checkpoint (any layout load_model reads); default: random weights")
+    m.add_argument("--preset", default="tiny", help="network preset when no checkpoint is given (default tiny)")
+    m.add_argument("--numerics", choices=("fp32", "official"), default="fp32",
+                   help="torch: fp32, or the reference's bf16 numerics (default fp32)")
+    m.add_argument("--ops", choices=("torch", "triton"), default="torch", help="torch: op implementation")
+    m.add_argument("--onnx", type=Path, help="ort: the graph to run (default: export the model's fp32 native graph)")
+    m.add_argument("--engine", type=Path, help="trt: the serialized plan")
+    m.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    s = p.add_argument_group("Shape options (one request; batch 2 = one CFG step)")
+    s.add_argument("--resolution", default=None, help="bucket: 144p/240p/360p/480p (with --aspect-ratio)")
+    s.add_argument("--aspect-ratio", default="9:16", help="bucket aspect ratio (default 9:16, the released landscape)")
+    s.add_argument("--height", type=int, help="pixel height (instead of --resolution)")
+    s.add_argument("--width", type=int, help="pixel width (instead of --resolution)")
+    s.add_argument("--frames", type=int, default=33, help="frames, 4n+1 (default 33)")
+    s.add_argument("--batch", type=int, default=2, help="batch (default 2: [cond; uncond])")
+    s.add_argument("--dims", help="explicit contract dims, e.g. batch=2,video_frames=17,video_height=30,"
+                                  "video_width=54,audio_frames=104 (token counts follow)")
+    i = p.add_argument_group("Inference options")
+    i.add_argument("--warmUp", type=float, default=200.0, help="warm-up time in ms (default 200)")
+    i.add_argument("--iterations", type=int, default=10, help="minimum number of timed queries (default 10)")
+    i.add_argument("--duration", type=float, default=3.0, help="minimum timed duration in s (default 3)")
+    i.add_argument("--avgRuns", type=int, default=10, help="queries per trace average (default 10)")
+    i.add_argument("--percentile", default="90,95,99", help="percentiles to report (default 90,95,99)")
+    i.add_argument("--useCudaGraph", action="store_true", help="capture the engine call as a CUDA graph (GPU)")
+    i.add_argument("--noDataTransfers", action="store_true", help="do not copy inputs in / outputs out per query")
+    i.add_argument("--compare", choices=BACKENDS, help="also run BACKEND, interleaved, and report the paired ratio")
+    i.add_argument("--compare-onnx", type=Path, help="--onnx for the compared backend")
+    i.add_argument("--compare-engine", type=Path, help="--engine for the compared backend")
+    i.add_argument("--pipeline", action="store_true", help="time the whole pipeline per stage instead of the DiT")
+    r = p.add_argument_group("Reporting options")
+    r.add_argument("--exportTimes", type=Path, help="write per-query timings (trtexec JSON layout)")
+    r.add_argument("--exportProfile", type=Path, help="write a per-layer profile (torch backend)")
+    r.add_argument("--separateProfileRun", action="store_true",
+                   help="accepted for trtexec compatibility: the profile always has a run of its own, after timing")
+    r.add_argument("--results-csv", type=Path, help="append one result row (with provenance) to this CSV")
+    r.add_argument("--results-json", type=Path, help="append one result row (with provenance) to this JSON-lines file")
+    r.add_argument("--report-verbose", action="store_true", help="print the explanations of the metrics")
+    p.set_defaults(func=run)
+
+
+def _percentiles(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"--percentile must be comma-separated numbers, got {text!r}") from None
+    if not values or any(not 0 <= v <= 100 for v in values):
+        raise ConfigError(f"--percentile values must be in [0, 100], got {text!r}")
+    return values
+
+
+def _parse_dims(text: str) -> dict[str, int]:
+    out = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not value.strip().lstrip("-").isdigit():
+            raise ConfigError(f"--dims items must be name=integer, got {item!r}")
+        out[key.strip()] = int(value)
+    return out
+
+
+def request_dims(args: argparse.Namespace, contract: Any) -> dict[str, int]:
+    """The contract dims of the requested shape (validated by the contract)."""
+    from javisrt.runtime.latents import bucket_size, latent_geometry
+
+    if args.dims:
+        if args.resolution or args.height or args.width:
+            raise ConfigError("give either --dims or a resolution/size, not both")
+        return contract.resolve(_parse_dims(args.dims))  # type: ignore[no-any-return]
+    if args.batch < 1:
+        raise ConfigError(f"--batch must be >= 1, got {args.batch}")
+    if args.resolution:
+        if args.height or args.width:
+            raise ConfigError("give either --resolution or --height/--width, not both")
+        h, w = bucket_size(args.resolution, args.aspect_ratio)
+    elif args.height and args.width:
+        h, w = args.height, args.width
+    else:
+        raise ConfigError("give a shape: --resolution, --height and --width, or --dims")
+    geo = latent_geometry(args.frames, h, w, min_frames=1, max_frames=10_000)
+    assert geo.video is not None
+    _, t, h8, w8 = geo.video
+    dims = {"batch": args.batch, "video_frames": t, "video_height": h8, "video_width": w8}
+    if contract.config.has_audio:
+        assert geo.audio is not None
+        dims["audio_frames"] = geo.audio[1]
+    return contract.resolve(dims)  # type: ignore[no-any-return]
+
+
+# ---- targets -------------------------------------------------------------------------------------------
+def build_model(args: argparse.Namespace, device: torch.device) -> Any:
+    from javisrt.engine.checkpoint import load_model
+    from javisrt.engine.config import JavisConfig
+    from javisrt.engine.model import build_model as _build, init_weights
+
+    if args.checkpoint is not None:
+        return load_model(args.checkpoint, numerics=args.numerics, device=device)
+    cfg = JavisConfig.from_name(args.preset)
+    dtype = torch.float32 if args.numerics == "fp32" else torch.bfloat16
+    model = _build(cfg, "meta").to(dtype).to_empty(device=device)
+    init_weights(model, torch.Generator(device="cpu").manual_seed(0))
+    return model.set_numerics(args.numerics).requires_grad_(False).eval()
+
+
+def make_engine(
+    backend: str, model: Any, contract: Any, device: torch.device, args: argparse.Namespace,
+    onnx: Path | None, plan: Path | None, workdir: Path,
+) -> Any:  # fmt: skip
+    if backend == "torch":
+        from javisrt.runtime.backends.torch_engine import TorchBackend
+
+        return TorchBackend(contract, model=model, ops=args.ops, device=device, cuda_graphs=args.useCudaGraph)
+    if backend == "ort":
+        from javisrt.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+        if onnx is None:
+            from javisrt.export.onnx import export_dit, save
+
+            log.info("exporting the model's fp32 native graph for ONNX Runtime (pass --onnx to reuse one)")
+            onnx = save(export_dit(model.float().cpu(), "native", "fp32", contract), workdir / "dit.fp32.onnx")
+        providers = ("cuda",) if device.type == "cuda" else ("cpu",)
+        return OnnxRuntimeBackend(contract, onnx, providers=providers)
+    if backend == "trt":
+        from javisrt.runtime.backends.tensorrt import TensorRTBackend
+
+        if plan is None:
+            raise ConfigError("--backend trt needs --engine PLAN (build one with `javisrt build`)")
+        return TensorRTBackend(contract, plan, cuda_graphs=args.useCudaGraph)
+    raise ConfigError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+
+
+@dataclass
+class EngineTarget:
+    """One query = write the per-step inputs (H2D), enqueue + synchronize (compute), read outputs (D2H)."""
+
+    name: str
+    engine: Any
+    step_inputs: dict[str, torch.Tensor]
+    transfers: bool
+
+    def query(self) -> QueryTiming:
+        now = time.perf_counter
+        s_h2d = now() * 1e3
+        if self.transfers:
+            self.engine.write_inputs(self.step_inputs)
+            self.engine.synchronize()
+        e_h2d = now() * 1e3
+        self.engine.enqueue()
+        e_enq = now() * 1e3
+        self.engine.synchronize()
+        e_comp = now() * 1e3
+        if self.transfers:
+            for value in self.engine.outputs().values():
+                value.to("cpu", copy=True)
+        e_d2h = now() * 1e3
+        return QueryTiming(e_h2d, e_enq, s_h2d, e_h2d, e_h2d, e_comp, e_comp, e_d2h)
+
+
+def prepare_target(name: str, engine: Any, dims: dict[str, int], inputs: dict[str, torch.Tensor], transfers: bool) -> EngineTarget:
+    engine.load()
+    engine.allocate(dims)
+    engine.write_inputs(inputs)  # everything once; per query only the per-step inputs are rewritten
+    step = {k: v for k, v in inputs.items() if k in ("video", "audio", "timestep")}
+    return EngineTarget(name, engine, step, transfers)
+
+
+# ---- profile (torch) -------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def stage_profile(model: Any, sync: Any) -> Iterator[dict[str, list[float]]]:
+    """Per-layer wall times of the torch model: the embeddings, every block, the heads."""
+    times: dict[str, list[float]] = {}
+    starts: dict[str, float] = {}
+    handles = []
+    layers = [("embed.patch_embedding", model.patch_embedding), ("embed.text_embedding", model.text_embedding)]
+    layers += [(f"block.{i}", b) for i, b in enumerate(model.blocks)]
+    layers += [("head.video", model.head)] + ([("head.audio", model.audio_head)] if hasattr(model, "audio_head") else [])
+    for name, module in layers:
+        def pre(_m: Any, _a: Any, name: str = name) -> None:
+            sync()
+            starts[name] = time.perf_counter()
+
+        def post(_m: Any, _a: Any, _o: Any, name: str = name) -> None:
+            sync()
+            times.setdefault(name, []).append((time.perf_counter() - starts[name]) * 1e3)
+
+        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    try:
+        yield times
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def write_profile(times: dict[str, list[float]], path: Path) -> None:
+    """trtexec's --exportProfile layout: [{"count": N}, {"name", "timeMs", "averageMs", "medianMs", "percentage"}...]."""
+    if not times:
+        raise ConfigError("no profile was recorded")
+    total = sum(sum(v) for v in times.values())
+    count = max(len(v) for v in times.values())
+    rows: list[dict[str, Any]] = [{"count": count}]
+    for name, v in times.items():
+        rows.append({"name": name, "timeMs": sum(v), "averageMs": sum(v) / len(v), "medianMs": statistics.median(v),
+                     "percentage": 100.0 * sum(v) / total})
+    path.write_text(json.dumps(rows, indent=1))
+
+
+# ---- run -------------------------------------------------------------------------------------------------
+def _peak(precision: str) -> float | None:
+    name = device_name()
+    for key, peaks in DEVICE_PEAK_TFLOPS.items():
+        if key in name:
+            return peaks.get(precision)
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    opts = InferenceOptions(args.warmUp, args.iterations, args.duration, args.avgRuns)
+    percentiles = _percentiles(args.percentile)
+    if args.pipeline:
+        return run_pipeline(args)
+    if args.exportProfile is not None and args.backend != "torch":
+        raise NotImplementedError(
+            f"--exportProfile is implemented for the torch backend (per-layer hooks); {args.backend} needs its "
+            "runtime's profiler (ORT session profiling / TensorRT IProfiler), not wired yet"
+        )
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.backend == "trt" or args.compare == "trt":
+        if device.type != "cuda":
+            raise UnavailableError("the TensorRT backend needs a CUDA GPU; this machine has none")
+    from javisrt.engine.flops import forward_flops
+    from javisrt.export.contract import DiTContract
+
+    model = build_model(args, device)
+    contract = DiTContract.for_config(model.cfg)
+    dims = request_dims(args, contract)
+    inputs = contract.sample_inputs(dims, torch.Generator().manual_seed(0), device=device)
+    flops = forward_flops(model.cfg, contract.token_grid(dims), batch=dims["batch"]).total
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    transfers = not args.noDataTransfers
+    with tempfile.TemporaryDirectory(prefix="javisrt-bench-") as tmp:
+        a = prepare_target(args.backend, make_engine(args.backend, model, contract, device, args, args.onnx,
+                                                     args.engine, Path(tmp)), dims, inputs, transfers)
+        b = None
+        if args.compare:
+            b = prepare_target(args.compare, make_engine(args.compare, model, contract, device, args,
+                                                         args.compare_onnx, args.compare_engine, Path(tmp)),
+                               dims, inputs, transfers)  # fmt: skip
+        if b is None:
+            measurements = [measure(a, opts)]
+        else:
+            measurements = list(measure_interleaved(a, b, opts))
+        profile: dict[str, list[float]] = {}
+        if args.exportProfile is not None:
+            # Always a run of its own after timing (as trtexec 11 does): the hooks' synchronizes
+            # would otherwise distort the timed queries.
+            with stage_profile(model, sync) as live:
+                for _ in range(opts.iterations):
+                    a.query()
+                profile = dict(live)
+        for target in (a, b):
+            if target is not None:
+                target.engine.unload()
+    print(f"=== Model: {model.cfg.name} ({model.cfg.num_layers} layers), numerics {args.numerics}, device {device_name()}")
+    print(f"=== Shape: {dims}  ({flops / 1e12:.4g} TFLOP per query, model-spec §8)")
+    rows = []
+    for m in measurements:
+        rows.append(_report(m, args, opts, percentiles, flops, dims))
+    if b is not None:
+        ratio = paired_ratio(measurements[0], measurements[1], "latency_ms")
+        print(f"=== Compare: {measurements[1].target} / {measurements[0].target} latency, {ratio.pairs} interleaved pairs: "
+              f"median of per-pair ratios {ratio.median_of_ratios:.4g}, ratio of medians {ratio.ratio_of_medians:.4g}")
+        rows[1]["ratio_vs_" + measurements[0].target] = ratio.median_of_ratios
+    if args.exportTimes is not None:
+        export_times(measurements[0].queries, args.exportTimes)
+    if args.exportProfile is not None:
+        write_profile(profile, args.exportProfile)
+    for row in rows:
+        if args.results_csv or args.results_json:
+            append_row(row, args.results_csv, args.results_json)
+    return 0
+
+
+def _report(m: Measurement, args: argparse.Namespace, opts: InferenceOptions, percentiles: tuple[float, ...],
+            flops: float, dims: dict[str, int]) -> dict[str, Any]:  # fmt: skip
+    summary = summarize_queries(m.queries, batch=1, percentiles=percentiles)
+    print(f"\n##### backend {m.target}")
+    print("\n".join(trace_lines(m, opts.avg_runs)))
+    print()
+    print(format_summary(summary, verbose=args.report_verbose))
+    compute_s = summary.compute.median / 1e3
+    achieved = flops / compute_s / 1e12 if compute_s > 0 else float("nan")
+    precision = "bf16" if args.numerics == "official" else "fp32"
+    peak = _peak(precision)
+    line = f"Achieved: {achieved:.4g} TFLOP/s at the median GPU Compute Time"
+    line += f" ({100 * achieved / peak:.3g}% of the {peak:g} TFLOP/s {precision} peak)" if peak else " (device peak unknown)"
+    print(line)
+    if args_device_is_cpu(args):
+        print("Note: CPU engines are synchronous: Enqueue Time includes the compute, so the enqueue warning is expected.")
+    return {
+        "backend": m.target, "model": args.preset if args.checkpoint is None else str(args.checkpoint),
+        "numerics": args.numerics, "ops": args.ops, "dims": dims, "queries": len(m.queries),
+        "latency_median_ms": summary.latency.median, "compute_median_ms": summary.compute.median,
+        "compute_cov_percent": summary.compute.cov_percent, "throughput_qps": summary.throughput_qps,
+        "tflops": achieved, "tflop_per_query": flops / 1e12,
+    }
+
+
+def args_device_is_cpu(args: argparse.Namespace) -> bool:
+    return (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu")
+
+
+def run_pipeline(args: argparse.Namespace) -> int:
+    """Per-stage wall times of the whole pipeline (tiny random weights unless weights are given)."""
+    from javisrt.runtime.demo import build_tiny_pipeline, demo_config
+
+    if args.checkpoint is not None or args.preset != "tiny":
+        raise NotImplementedError("--pipeline runs the tiny demo pipeline; real weights: use `javisrt generate` timings")
+    pipe = build_tiny_pipeline()
+    config = demo_config()
+    runs = max(args.iterations, 1)
+    stages: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="javisrt-bench-") as tmp:
+        pipe("warm-up", config)
+        for k in range(runs):
+            result = pipe("a dog barks in the rain", config)
+            t0 = time.perf_counter()
+            result.save(Path(tmp) / f"{k}.mp4")
+            mux_ms = (time.perf_counter() - t0) * 1e3
+            for name, secs in (("text encode", result.timings["text_s"]),
+                               ("video decode", result.timings["video_decode_s"]),
+                               ("audio decode + vocoder", result.timings["audio_decode_s"])):
+                stages.setdefault(name, []).append(secs * 1e3)
+            stages.setdefault("denoising step", []).extend(t * 1e3 for t in result.step_times_s)
+            stages.setdefault("denoise (all steps)", []).append(result.timings["denoise_s"] * 1e3)
+            stages.setdefault("mux (MP4 write)", []).append(mux_ms)
+    h, w = config.size
+    print(f"=== Pipeline stages (tiny preset, {config.num_frames} frames {h}x{w}, "
+          f"{config.steps} steps, {runs} runs, {device_name()})")
+    print(f"{'stage':<26}{'median ms':>12}{'mean ms':>12}{'n':>6}")
+    for name, v in stages.items():
+        print(f"{name:<26}{statistics.median(v):>12.3f}{statistics.mean(v):>12.3f}{len(v):>6}")
+    if args.results_csv or args.results_json:
+        append_row({"mode": "pipeline", "stages_median_ms": {k: statistics.median(v) for k, v in stages.items()}},
+                   args.results_csv, args.results_json)
+    return 0
