@@ -55,6 +55,7 @@ def register(subparsers: Any) -> None:
     m.add_argument("--backend", choices=BACKENDS, default="torch", help="engine backend (default torch)")
     m.add_argument("--checkpoint", type=Path, help="DiT checkpoint (any layout load_model reads); default: random weights")
     m.add_argument("--preset", default="tiny", help="network preset when no checkpoint is given (default tiny)")
+    m.add_argument("--layers", type=int, help="override the preset's num_layers (full width, fewer blocks)")
     m.add_argument("--numerics", choices=("fp32", "official"), default="fp32",
                    help="torch: fp32, or the reference's bf16 numerics (default fp32)")
     m.add_argument("--ops", choices=("torch", "triton"), default="torch", help="torch: op implementation")
@@ -148,8 +149,10 @@ def build_model(args: argparse.Namespace, device: torch.device) -> Any:
     from javisrt.engine.model import build_model as _build, init_weights
 
     if args.checkpoint is not None:
+        if args.layers:
+            raise ConfigError("--layers applies to random-weight presets, not to a checkpoint")
         return load_model(args.checkpoint, numerics=args.numerics, device=device)
-    cfg = JavisConfig.from_name(args.preset)
+    cfg = JavisConfig.from_name(args.preset, **({"num_layers": args.layers} if args.layers else {}))
     dtype = torch.float32 if args.numerics == "fp32" else torch.bfloat16
     model = _build(cfg, "meta").to(dtype).to_empty(device=device)
     init_weights(model, torch.Generator(device="cpu").manual_seed(0))
