@@ -41,6 +41,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, type=Path, help="any layout engine.checkpoint.load_model reads")
     p.add_argument("--precision", required=True, choices=("bf16", "fp8"))
     p.add_argument("--flavor", default="native", choices=("native", "plugin"))
+    p.add_argument("--ffn", default="plugin", choices=("plugin", "native"),
+                   help="plugin flavour: the FFN as a javisrt::modality_ffn node (default) or native "
+                        "(Slice -> experts -> Concat; TensorRT can build this one today)")
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--config", default=None, help="preset name (default: from the checkpoint)")
     p.add_argument("--fp32-copy", action="store_true", help="also write dit.fp32.onnx for ONNX Runtime checks")
@@ -138,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
             checks["fp8_rules"] = [str(v) for v in check_fp8(graph)]
         else:
             bar.set_postfix_str(f"exporting {args.flavor}/bf16")
-            graph = export_dit(model.to("cpu"), args.flavor, "bf16", contract)
+            graph = export_dit(model.to("cpu"), args.flavor, "bf16", contract, ffn_plugin=args.ffn == "plugin")
         bar.update()
         bar.set_postfix_str("static checks")
         checks["op_audit"] = [str(v) for v in audit_ops(graph)]
@@ -152,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
         files = [graph_path.name] + ([graph_path.name + ".data"] if (out / (graph_path.name + ".data")).exists() else [])
         if args.fp32_copy and args.precision == "bf16":
             bar.set_postfix_str("fp32 copy")
-            files.append(save(export_dit(model, args.flavor, "fp32", contract), out / "dit.fp32.onnx").name)
+            files.append(save(export_dit(model, args.flavor, "fp32", contract, ffn_plugin=args.ffn == "plugin"),
+                              out / "dit.fp32.onnx").name)
             bar.update()
         elif args.fp32_copy:
             log.info("fp8: dit.onnx itself is the fp32 Q/DQ graph ONNX Runtime runs (ORT_DISABLE_ALL)")

@@ -94,10 +94,14 @@ class ExportableDiT(nn.Module):
     and returns only the video velocity.
     """
 
-    def __init__(self, model: JavisDiT, flavor: Flavor | str = Flavor.NATIVE) -> None:
+    def __init__(self, model: JavisDiT, flavor: Flavor | str = Flavor.NATIVE, ffn_plugin: bool = True) -> None:
         super().__init__()
         self.model = model
         self.flavor = Flavor(flavor)
+        # Plugin flavour only: the MS-MoE FFN as one javisrt::modality_ffn node (True) or as the native
+        # Slice -> two experts -> Concat subgraph (False). TensorRT has no AOT plugin for the FFN yet
+        # (two launches; see export/trt_plugins.NOT_AOT), so False gives a plugin graph it can build.
+        self.ffn_plugin = ffn_plugin and self.flavor is Flavor.PLUGIN
         cfg = model.cfg
         self.num_heads = cfg.num_heads
         self.dim = cfg.dim
@@ -110,7 +114,7 @@ class ExportableDiT(nn.Module):
         if self.flavor is Flavor.MATH:
             self.self_cores = nn.ModuleList(AttentionCore(cfg.num_heads) for _ in model.blocks)
             self.cross_cores = nn.ModuleList(AttentionCore(cfg.num_heads) for _ in model.blocks)
-        if self.flavor is Flavor.PLUGIN:
+        if self.ffn_plugin:
             # Both experts stacked on a leading axis of 2 (video, audio): one pointer + stride per GEMM
             # operand for the plugin. A t2v network repeats the video expert (never read: Lv = L).
             for i, block in enumerate(model.blocks):
@@ -193,7 +197,7 @@ class ExportableDiT(nn.Module):
         if ae0 is not None:
             amod = Modulation(*(block.audio_modulation.param + ae0).chunk(3, dim=1))
         vmod = Modulation(sh2, sc2, g2)
-        if self.flavor is Flavor.PLUGIN:
+        if self.ffn_plugin:
             stacked = [getattr(self, f"ffn{i}_{key}") for key in ("w1", "b1", "w2", "b2")]
             if _exporting():
                 amod_ = amod if amod is not None else vmod

@@ -162,9 +162,11 @@ def export_dit(
     flavor: Flavor | str,
     precision: Precision | str,
     contract: DiTContract | None = None,
+    ffn_plugin: bool = True,
 ) -> onnx.ModelProto:
     """The DiT as an ONNX model of ``flavor`` (native | plugin) in ``precision`` (fp32 | bf16).
 
+    ``ffn_plugin`` (plugin flavour): the FFN as a ``javisrt::modality_ffn`` node, or native (False).
     Sets the model's numerics (fp32 -> ``"fp32"``, bf16 -> ``"official"``) in place.
     """
     flavor, precision = Flavor(flavor), Precision(precision)
@@ -173,7 +175,7 @@ def export_dit(
     contract = contract or DiTContract.for_config(model.cfg)
     model.set_numerics("fp32" if precision is Precision.FP32 else "official")
     model.requires_grad_(False).eval()
-    wrapper = ExportableDiT(model, flavor).eval()
+    wrapper = ExportableDiT(model, flavor, ffn_plugin=ffn_plugin).eval()
     with torch.no_grad():
         proto = _dynamo_export(wrapper, contract)
     return finalize(proto, contract, flavor.value, precision.value)

@@ -45,7 +45,8 @@ NOT_AOT = {
         "javisrt::modality_ffn has no AOT TensorRT plugin: it needs two kernel launches (ffn_up, ffn_down) with a "
         "[B, L, F] intermediate and takes the video/audio split from a shape tensor's value, while a QDP AOT "
         "plugin launches one kernel whose int arguments are expressions of I/O shapes (tensorrt-notes §1.1). "
-        "Build the native flavour (TensorRT's GEMMs for the FFN), or add a C++ IPluginV3 (§1.4)."
+        "Export with `javisrt export --flavor plugin --ffn native` (attention plugins, TensorRT's GEMMs for the "
+        "FFN) or the native flavour, or add a C++ IPluginV3 (§1.4)."
     )
 }
 

@@ -199,6 +199,15 @@ def test_plugin_ort_matches_torch(plugin: onnx.ModelProto, tiny: torch.nn.Module
     run_and_compare(ort_session(plugin), tiny, contract)
 
 
+def test_plugin_flavour_with_native_ffn(tiny: torch.nn.Module, contract: DiTContract) -> None:
+    """ffn_plugin=False: attention plugins only (what TensorRT can build today), same numerics."""
+    graph = export_dit(copy.deepcopy(tiny), "plugin", "fp32", contract, ffn_plugin=False)
+    custom = sorted(n.op_type for n in graph.graph.node if n.domain == DOMAIN)
+    assert custom == sorted(["rope_attention", "attention"] * contract.config.num_layers)
+    assert audit_ops(graph) == []
+    run_and_compare(ort_session(graph), tiny, contract)
+
+
 def test_op_audit_flags_unknown_ops(native: onnx.ModelProto) -> None:
     broken = copy.deepcopy(native)
     broken.graph.node[0].op_type = "NonMaxSuppression"
