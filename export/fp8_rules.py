@@ -6,8 +6,8 @@ statically on every FP8 graph we export:
 
   ``dq_before_attention_matmul``  both inputs of each activation x activation MatMul (QK^T and PV)
                                   come straight from a DequantizeLinear fed by a QuantizeLinear;
-  ``softmax_fixed_scale``         every Softmax output goes through one Q/DQ pair with scale exactly
-                                  1/448 (amax 1) into the PV MatMul;
+  ``softmax_fixed_scale``         every Softmax output goes (directly, or through one Cast) through one
+                                  Q/DQ pair with scale exactly 1/448 (amax 1) into the PV MatMul;
   ``no_cast_dq_matmul``           no Cast between a DequantizeLinear and the MatMul/Gemm it feeds;
   ``qdq_after_rope``              in self-attention (QK^T operands derived from the RoPE tables), the
                                   tensor entering the QuantizeLinear of q and of k already has RoPE
@@ -113,6 +113,15 @@ class _Graph:
         arr = self.consts.get(node.input[1]) if len(node.input) > 1 else None
         return float(arr.reshape(-1)[0]) if arr is not None and arr.size == 1 else None
 
+    def is_softmax_scale(self, node: onnx.NodeProto) -> bool:
+        """The Q/DQ scale is 1/448 as represented in the scale's own dtype (a BF16 graph stores it in
+        bf16: 0.0022277..., which is what modelopt writes and TensorRT reads)."""
+        arr = self.consts.get(node.input[1]) if len(node.input) > 1 else None
+        if arr is None or arr.size != 1:
+            return False
+        expected = float(np.asarray(SOFTMAX_SCALE, dtype=arr.dtype))
+        return bool(np.isclose(float(arr.reshape(-1)[0]), expected, rtol=1e-6, atol=0))
+
 
 def attention_matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """MatMuls of two activations (QK^T and PV); weight GEMMs have a constant operand."""
@@ -137,21 +146,23 @@ def check_fp8(model: onnx.ModelProto) -> list[Violation]:
     softmaxes = [n for n in g.nodes if n.op_type == "Softmax"]
     for sm in softmaxes:
         cons = g.consumers[sm.output[0]]
+        if len(cons) == 1 and cons[0].op_type == "Cast":
+            # Softmax (fp32) -> Cast (activation dtype) -> Q: the FP8 MHA pattern TensorRT's fusion
+            # accepts (demoDiffusion matcher, tensorrt-notes §3.2); the BF16-based FP8 graph has it.
+            cons = g.consumers[cons[0].output[0]]
         qs = [c for c in cons if c.op_type == "QuantizeLinear"]
         if len(qs) != 1 or len(cons) != 1:
             out.append(Violation("softmax_fixed_scale", sm.name, f"output goes to {[c.op_type for c in cons]}, not one QuantizeLinear"))
             continue
         q = qs[0]
-        s = g.scale(q)
-        if s is None or not np.isclose(s, SOFTMAX_SCALE, rtol=1e-6, atol=0):
-            out.append(Violation("softmax_fixed_scale", q.name, f"softmax Q scale {s} != 1/448"))
+        if not g.is_softmax_scale(q):
+            out.append(Violation("softmax_fixed_scale", q.name, f"softmax Q scale {g.scale(q)} != 1/448"))
         dqs = g.consumers[q.output[0]]
         if len(dqs) != 1 or dqs[0].op_type != "DequantizeLinear":
             out.append(Violation("softmax_fixed_scale", q.name, "softmax Q is not followed by exactly one DQ"))
             continue
-        ds = g.scale(dqs[0])
-        if ds is None or not np.isclose(ds, SOFTMAX_SCALE, rtol=1e-6, atol=0):
-            out.append(Violation("softmax_fixed_scale", dqs[0].name, f"softmax DQ scale {ds} != 1/448"))
+        if not g.is_softmax_scale(dqs[0]):
+            out.append(Violation("softmax_fixed_scale", dqs[0].name, f"softmax DQ scale {g.scale(dqs[0])} != 1/448"))
         if not any(c.op_type == "MatMul" for c in g.consumers[dqs[0].output[0]]):
             out.append(Violation("softmax_fixed_scale", dqs[0].name, "softmax DQ does not feed a MatMul"))
     for n in g.nodes:

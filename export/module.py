@@ -130,6 +130,15 @@ class ExportableDiT(nn.Module):
         """``engine.ops.modulate_ref``: LayerNorm (no affine, input dtype) * (1 + scale) + shift."""
         return F.layer_norm(x, (self.dim,), eps=eps) * (1 + scale) + shift
 
+    def _patch(self, conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor, act: torch.dtype) -> torch.Tensor:
+        """Patch embedding. The FP8 graph (math flavour) is exported at opset 20, where ONNX Conv has no
+        bf16: there the (unquantized, small) embedding runs in fp32 on the bf16-valued weights and is
+        rounded to the activation dtype after, one rounding fewer than the reference's bf16 conv."""
+        if self.flavor is Flavor.MATH and act == torch.bfloat16:
+            conv_fn = F.conv3d if isinstance(conv, nn.Conv3d) else F.conv2d
+            return conv_fn(x.float(), conv.weight.float(), conv.bias.float(), conv.stride).to(act)
+        return conv(x.to(act))  # type: ignore[no-any-return]
+
     def _head(self, head: Head, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """``engine.model.Head.forward``: x [B, N, d], e [B, d] fp32 -> [B, N, out] fp32."""
         shift, scale = (head.modulation + e[:, None, :]).chunk(2, dim=1)
@@ -222,12 +231,12 @@ class ExportableDiT(nn.Module):
         d = m.cfg.dim
         act = m.dtype
         # 1. embeddings: video (f, h, w raster), then audio (time-major, band-minor)
-        pv = m.patch_embedding(video.to(act))  # [B, d, Tv, Hp, Wp]
+        pv = self._patch(m.patch_embedding, video, act)  # [B, d, Tv, Hp, Wp]
         tv, hp, wp = pv.shape[2], pv.shape[3], pv.shape[4]
         x = pv.flatten(2).transpose(1, 2)
         lv = x.shape[1]
         if audio is not None:
-            pa = m.audio_patch_embedding(audio.to(act))  # [B, d, Ta, M]
+            pa = self._patch(m.audio_patch_embedding, audio, act)  # [B, d, Ta, M]
             ta, mb = pa.shape[2], pa.shape[3]
             x = torch.cat((x, pa.flatten(2).transpose(1, 2)), dim=1)
         # Time embedding (fp32 island). Official numerics round t to bf16 first, like the reference.
