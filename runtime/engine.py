@@ -52,6 +52,15 @@ STATIC_INPUTS = ("context", "rope_cos", "rope_sin")
 Array = torch.Tensor | np.ndarray
 
 
+def velocity_outputs(video: torch.Tensor | None, audio: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The model's (video, audio) velocities under the contract's output names; absent modalities omitted."""
+    out: dict[str, torch.Tensor] = {}
+    for (_, name), value in zip(MODALITY_IO, (video, audio), strict=True):
+        if value is not None:
+            out[name] = value
+    return out
+
+
 class EngineState(enum.StrEnum):
     UNLOADED = "unloaded"
     LOADED = "loaded"

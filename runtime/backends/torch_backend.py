@@ -8,6 +8,7 @@ import torch
 
 from javisrt.engine.errors import ShapeError
 from javisrt.engine.model import JavisDiT
+from javisrt.runtime.engine import velocity_outputs
 
 
 class TorchEngine:
@@ -49,12 +50,7 @@ class TorchEngine:
             None,
             video_latent_frames=video_latent_frames,
         )
-        out: dict[str, torch.Tensor] = {}
-        if video is not None:
-            out["video_velocity"] = video
-        if audio is not None:
-            out["audio_velocity"] = audio
-        return out
+        return velocity_outputs(video, audio)
 
     def unload(self) -> None:
         self.model = None

@@ -19,7 +19,7 @@ from torch import nn
 from javisrt.engine.errors import ConfigError, UnavailableError
 from javisrt.engine.model import JavisDiT, Numerics
 from javisrt.export.contract import DiTContract
-from javisrt.runtime.engine import Array, BufferSpec, EngineBase, ShapeBucket, as_torch
+from javisrt.runtime.engine import Array, BufferSpec, EngineBase, ShapeBucket, as_torch, velocity_outputs
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +32,7 @@ def contract_forward(model: JavisDiT, inputs: Mapping[str, torch.Tensor]) -> dic
     """
     emb = model.embed(inputs["video"], inputs.get("audio"), inputs["timestep"], inputs["context"])
     x = model.transformer(emb, (inputs["rope_cos"], inputs["rope_sin"]))
-    video, audio = model.heads(x, emb.e, emb.grid)
-    out: dict[str, torch.Tensor] = {}
-    if video is not None:
-        out["video_velocity"] = video
-    if audio is not None:
-        out["audio_velocity"] = audio
-    return out
+    return velocity_outputs(*model.heads(x, emb.e, emb.grid))
 
 
 class ContractModule(nn.Module):
