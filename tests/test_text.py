@@ -139,3 +139,15 @@ def test_from_pretrained_missing(tmp_path: Path) -> None:
     make_encoder().model.save_pretrained(tmp_path / "text_encoder")
     with pytest.raises(CheckpointError, match="no tokenizer"):
         TextEncoder.from_pretrained(tmp_path)
+
+
+def test_negative_prompt_is_the_released_one() -> None:
+    """Independent reference: the exact text in model-spec.md §6.1 (shared/, beside the checkout)."""
+    import re
+    from pathlib import Path
+
+    spec = Path(__file__).resolve().parents[2] / "shared" / "model-spec.md"
+    if not spec.is_file():
+        pytest.skip(f"{spec} not present (the shared specs live beside the checkout)")
+    m = re.search(r"negative prompt plus audio terms, exactly: `([^`]+)`", spec.read_text(encoding="utf-8"))
+    assert m is not None and m.group(1) == NEGATIVE_PROMPT
