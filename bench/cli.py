@@ -85,7 +85,8 @@ def register(subparsers: Any) -> None:
     i.add_argument("--pipeline", action="store_true", help="time the whole pipeline per stage instead of the DiT")
     r = p.add_argument_group("Reporting options")
     r.add_argument("--exportTimes", type=Path, help="write per-query timings (trtexec JSON layout)")
-    r.add_argument("--exportProfile", type=Path, help="write a per-layer profile (torch backend)")
+    r.add_argument("--exportProfile", type=Path,
+                   help="write a per-layer profile: torch (embeddings, blocks, heads) or ort (per graph node)")
     r.add_argument("--separateProfileRun", action="store_true",
                    help="accepted for trtexec compatibility: the profile always has a run of its own, after timing")
     r.add_argument("--results-csv", type=Path, help="append one result row (with provenance) to this CSV")
@@ -161,7 +162,7 @@ def build_model(args: argparse.Namespace, device: torch.device) -> Any:
 
 def make_engine(
     backend: str, model: Any, contract: Any, device: torch.device, args: argparse.Namespace,
-    onnx: Path | None, plan: Path | None, workdir: Path,
+    onnx: Path | None, plan: Path | None, workdir: Path, profile_prefix: Path | None = None,
 ) -> Any:  # fmt: skip
     if backend == "torch":
         from javisrt.runtime.backends.torch_engine import TorchBackend
@@ -171,12 +172,14 @@ def make_engine(
         from javisrt.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
         if onnx is None:
-            from javisrt.export.onnx import export_dit, save
+            onnx = workdir / "dit.fp32.onnx"
+            if not onnx.is_file():
+                from javisrt.export.onnx import export_dit, save
 
-            log.info("exporting the model's fp32 native graph for ONNX Runtime (pass --onnx to reuse one)")
-            onnx = save(export_dit(model.float().cpu(), "native", "fp32", contract), workdir / "dit.fp32.onnx")
+                log.info("exporting the model's fp32 native graph for ONNX Runtime (pass --onnx to reuse one)")
+                save(export_dit(model.float().cpu(), "native", "fp32", contract), onnx)
         providers = ("cuda",) if device.type == "cuda" else ("cpu",)
-        return OnnxRuntimeBackend(contract, onnx, providers=providers)
+        return OnnxRuntimeBackend(contract, onnx, providers=providers, profile_prefix=profile_prefix)
     if backend == "trt":
         from javisrt.runtime.backends.tensorrt import TensorRTBackend
 
@@ -248,6 +251,17 @@ def stage_profile(model: Any, sync: Any) -> Iterator[dict[str, list[float]]]:
             h.remove()
 
 
+def ort_node_times(trace: Path, runs: int) -> dict[str, list[float]]:
+    """Per-node kernel times (ms) of the last ``runs`` session runs from an ORT profiling trace."""
+    events = json.loads(trace.read_text())
+    times: dict[str, list[float]] = {}
+    for ev in events:
+        if ev.get("cat") == "Node" and str(ev.get("name", "")).endswith("_kernel_time"):
+            times.setdefault(ev["name"][: -len("_kernel_time")], []).append(ev["dur"] / 1e3)  # us -> ms
+    # the allocate/write of prepare_target ran nothing; every node ran once per query
+    return {name: v[-runs:] for name, v in times.items()}
+
+
 def write_profile(times: dict[str, list[float]], path: Path) -> None:
     """trtexec's --exportProfile layout: [{"count": N}, {"name", "timeMs", "averageMs", "medianMs", "percentage"}...]."""
     if not times:
@@ -275,10 +289,10 @@ def run(args: argparse.Namespace) -> int:
     percentiles = _percentiles(args.percentile)
     if args.pipeline:
         return run_pipeline(args)
-    if args.exportProfile is not None and args.backend != "torch":
+    if args.exportProfile is not None and args.backend == "trt":
         raise NotImplementedError(
-            f"--exportProfile is implemented for the torch backend (per-layer hooks); {args.backend} needs its "
-            "runtime's profiler (ORT session profiling / TensorRT IProfiler), not wired yet"
+            "--exportProfile for TensorRT needs an IProfiler on the execution context (GPU only), not wired yet; "
+            "use trtexec --exportProfile on the plan, or --backend torch / ort"
         )
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.backend == "trt" or args.compare == "trt":
@@ -307,13 +321,21 @@ def run(args: argparse.Namespace) -> int:
         else:
             measurements = list(measure_interleaved(a, b, opts))
         profile: dict[str, list[float]] = {}
-        if args.exportProfile is not None:
+        if args.exportProfile is not None and args.backend == "torch":
             # Always a run of its own after timing (as trtexec 11 does): the hooks' synchronizes
             # would otherwise distort the timed queries.
             with stage_profile(model, sync) as live:
                 for _ in range(opts.iterations):
                     a.query()
                 profile = dict(live)
+        elif args.exportProfile is not None:  # ort: a profiled session of its own
+            engine = make_engine("ort", model, contract, device, args, args.onnx, None, Path(tmp),
+                                 profile_prefix=Path(tmp) / "ort_profile")  # fmt: skip
+            target = prepare_target("ort", engine, dims, inputs, transfers)
+            for _ in range(opts.iterations):
+                target.query()
+            profile = ort_node_times(engine.end_profiling(), opts.iterations)
+            engine.unload()
         for target in (a, b):
             if target is not None:
                 target.engine.unload()

@@ -43,6 +43,16 @@ def test_compare_torch_vs_onnxruntime(capsys: pytest.CaptureFixture[str]) -> Non
     assert m is not None and int(m.group(1)) == 3 and float(m.group(2)) > 0
 
 
+def test_onnxruntime_profile(tmp_path: Path) -> None:
+    """--exportProfile on ORT: per-node kernel times from a profiled session, trtexec's layout."""
+    assert cli.main([*TINY, "--iterations", "2", "--backend", "ort", "--exportProfile", str(tmp_path / "p.json")]) == 0
+    profile = json.loads((tmp_path / "p.json").read_text())
+    assert profile[0] == {"count": 2}
+    names = [row["name"] for row in profile[1:]]
+    assert any("attention" in n.lower() for n in names) and len(names) > 20
+    assert sum(row["percentage"] for row in profile[1:]) == pytest.approx(100.0)
+
+
 def test_pipeline_stages(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["bench", "--pipeline", "--iterations", "1"]) == 0
     out = capsys.readouterr().out
@@ -57,7 +67,7 @@ def test_pipeline_stages(capsys: pytest.CaptureFixture[str]) -> None:
         (["--percentile", "120"], r"\[0, 100\]"),
         (["--resolution", "240p"], "not both"),
         (["--backend", "trt", "--engine", "x.plan"], "CUDA GPU"),
-        (["--backend", "ort", "--exportProfile", "p.json"], "torch backend"),
+        (["--backend", "trt", "--engine", "x.plan", "--exportProfile", "p.json"], "IProfiler"),
         (["--iterations", "0"], "iterations"),
     ],
 )

@@ -74,6 +74,7 @@ class OnnxRuntimeBackend(EngineBase):
         device_id: int = 0,
         intra_op_threads: int = 0,
         register_custom_ops: Callable[[Any], None] | None = None,
+        profile_prefix: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__(contract)
         unknown = [p for p in providers if p not in PROVIDERS]
@@ -84,6 +85,9 @@ class OnnxRuntimeBackend(EngineBase):
         self.device_id = device_id
         self.intra_op_threads = intra_op_threads
         self._register_custom_ops = register_custom_ops
+        # ORT session profiling (a Chrome-trace JSON with one event per node run), for the benchmark's
+        # per-layer profile; ``end_profiling()`` returns the file.
+        self.profile_prefix = None if profile_prefix is None else str(profile_prefix)
         self._device = torch.device("cuda", device_id) if self.providers[0] == "cuda" else torch.device("cpu")
         self.session: Any = None
         self.fp8 = False
@@ -117,6 +121,9 @@ class OnnxRuntimeBackend(EngineBase):
             log.info("%s has float8 Q/DQ: ORT graph optimisations disabled", self.onnx_path.name)
         if self.intra_op_threads:
             opts.intra_op_num_threads = self.intra_op_threads
+        if self.profile_prefix is not None:
+            opts.enable_profiling = True
+            opts.profile_file_prefix = self.profile_prefix
         if self._register_custom_ops is not None:
             self._register_custom_ops(opts)
         provider_args: list[Any] = [
@@ -130,6 +137,12 @@ class OnnxRuntimeBackend(EngineBase):
                 hint = " (ORT CPU has no bf16 kernels: run the fp32 export, or an fp32/fp16 copy of the FP8 one)"
             raise UnavailableError(f"ONNX Runtime cannot create a session for {self.onnx_path}: {exc}{hint}") from exc
         self._check_io()
+
+    def end_profiling(self) -> Path:
+        """Stop ORT's session profiling and return its trace file (needs ``profile_prefix``)."""
+        if self.session is None or self.profile_prefix is None:
+            raise ConfigError("ORT profiling was not enabled: create the backend with profile_prefix=")
+        return Path(self.session.end_profiling())
 
     def _check_io(self) -> None:
         got_in = [i.name for i in self.session.get_inputs()]
