@@ -61,13 +61,10 @@ UMT5_XXL = dict(
 
 
 def clean_text(text: str) -> str:
-    """Wan's ``clean='whitespace'``: (ftfy if installed) + html-unescape twice, collapse whitespace."""
-    try:
-        import ftfy  # optional; Wan uses it, results differ only on mojibake
+    """Wan's ``clean='whitespace'``: ftfy + html-unescape twice, collapse whitespace."""
+    import ftfy  # pinned in requirements.txt: the reference always runs it
 
-        text = ftfy.fix_text(text)
-    except ImportError:
-        pass
+    text = ftfy.fix_text(text)
     text = html.unescape(html.unescape(text)).strip()
     return re.sub(r"\s+", " ", text).strip()
 

@@ -151,3 +151,10 @@ def test_negative_prompt_is_the_released_one() -> None:
         pytest.skip(f"{spec} not present (the shared specs live beside the checkout)")
     m = re.search(r"negative prompt plus audio terms, exactly: `([^`]+)`", spec.read_text(encoding="utf-8"))
     assert m is not None and m.group(1) == NEGATIVE_PROMPT
+
+
+def test_clean_text_like_wan() -> None:
+    """Wan's clean='whitespace': ftfy (mojibake), html-unescape twice, whitespace collapsed."""
+    from javisrt.runtime.text import clean_text
+
+    assert clean_text("  schÃ¶n \n\t &amp;amp; gut ") == "schön & gut"
