@@ -45,6 +45,8 @@ def _pick_video_codec() -> str:
             av.codec.Codec(name, "w")
         except Exception:  # av raises UnknownCodecError (a ValueError) or FFmpegError subclasses
             continue
+        if name == "mpeg4":
+            log.warning("PyAV's FFmpeg has no H.264 encoder; writing MPEG-4 Part 2 video instead")
         return name
     raise MediaError(f"PyAV's FFmpeg has none of the video encoders {VIDEO_CODECS}")
 
