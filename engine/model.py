@@ -360,7 +360,8 @@ class JavisDiT(nn.Module):
         # Time embedding, fp32 island. Official: the reference casts t to bf16 before the sinusoid
         # (991.64 -> 992); the checkpoint was trained that way.
         t = timestep.to(torch.bfloat16) if self.numerics is Numerics.OFFICIAL else timestep
-        e = self.time_embedding(sinusoidal_embedding(cfg.freq_dim, t).to(self.time_embedding[0].weight.dtype))
+        island_dtype = next(self.time_embedding.parameters()).dtype  # fp32 in both numeric modes
+        e = self.time_embedding(sinusoidal_embedding(cfg.freq_dim, t).to(island_dtype))
         e0 = self.time_projection(e).unflatten(1, (6, cfg.dim)).to(act)
         ae0 = None
         if audio is not None:
@@ -464,11 +465,11 @@ def init_weights(model: JavisDiT, generator: torch.Generator | None = None) -> J
             if isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv3d)):
                 bound = 1.0 / math.sqrt(module.weight[0].numel())
                 uniform(module.weight, bound)
-                uniform(module.bias, bound)
-            elif isinstance(module, (RMSNorm, nn.LayerNorm)) and module.weight is not None:
-                uniform(module.weight, 0.1, center=1.0)
-                if getattr(module, "bias", None) is not None:
-                    uniform(module.bias, 0.1)
+                if module.bias is not None:
+                    uniform(module.bias, bound)
+            elif isinstance(module, (RMSNorm, nn.LayerNorm)):
+                for pname, p in module.named_parameters(recurse=False):  # weight ~ 1 +- 0.1, bias ~ +-0.1
+                    uniform(p, 0.1, center=1.0 if pname == "weight" else 0.0)
         for name, p in model.named_parameters():
             if name.endswith("modulation") or name.endswith("modulation.param"):
                 p.copy_(torch.randn(p.shape, generator=generator) / math.sqrt(d))

@@ -43,7 +43,8 @@ class Modulation(NamedTuple):
 
 
 class OpSet(Protocol):
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def modulate(
         self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
