@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import random
 
-import numpy as np
-import pytest
 import torch
+
+# Triton kernels run under the interpreter on machines without CUDA. The flag must be set before
+# triton is first imported by anything (diffusers imports it too), so here, before any test module.
+# The ahead-of-time compile tests strip it in their child processes.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
