@@ -1,7 +1,8 @@
 """trtexec's measurement loop for any :class:`Target` (shared/tensorrt-notes.md §7, sampleInference.cpp).
 
 * Warm-up: queries run until ``warm_up_ms`` of wall time has passed (they are not reported).
-* Timed run: queries run until at least ``iterations`` queries **and** ``duration_s`` seconds are done.
+* Timed run: queries run until at least ``iterations`` queries are done **and** they span at least
+  ``duration_s`` seconds (first H2D start to last D2H end, on the target's clock).
 * Trace: averages over groups of ``avg_runs`` consecutive queries ("Average on N runs - GPU latency ...").
 * Compare: two targets run interleaved, query by query (A, B, A, B, ...), so that drift of the machine
   (thermal, other load) hits both equally; the report gives the paired ratio B/A.
@@ -58,19 +59,31 @@ def now_ms() -> float:
 def _warm_up(targets: Sequence[Target], warm_up_ms: float) -> int:
     count = 0
     start = now_ms()
-    while now_ms() - start < warm_up_ms:
+    # at least one warm-up round when a warm-up is asked for, whatever the clock did before it
+    while warm_up_ms > 0 and (count == 0 or now_ms() - start < warm_up_ms):
         for t in targets:
             t.query()
         count += 1
     return count
 
 
+def _span_ms(queries: Sequence[QueryTiming]) -> float:
+    """Wall time the queries cover on their own clock: first H2D start to last D2H end."""
+    return queries[-1].end_d2h_ms - queries[0].start_h2d_ms if queries else 0.0
+
+
+def _more(queries: Sequence[QueryTiming], opts: InferenceOptions) -> bool:
+    # The duration is measured on the queries' own timestamps, so the reported trace covers at least
+    # --duration whatever happens between queries (a clock read before the first query would count a
+    # scheduling stall as measured time).
+    return len(queries) < opts.iterations or _span_ms(queries) < opts.duration_s * 1e3
+
+
 def measure(target: Target, opts: InferenceOptions, progress: Callable[[int], None] | None = None) -> Measurement:
-    """Warm up, then time at least ``iterations`` queries over at least ``duration_s`` seconds."""
+    """Warm up, then time at least ``iterations`` queries covering at least ``duration_s`` seconds."""
     warm = _warm_up([target], opts.warm_up_ms)
     queries: list[QueryTiming] = []
-    start = now_ms()
-    while len(queries) < opts.iterations or now_ms() - start < opts.duration_s * 1e3:
+    while _more(queries, opts):
         queries.append(target.query())
         if progress is not None:
             progress(len(queries))
@@ -84,8 +97,7 @@ def measure_interleaved(
     warm = _warm_up([a, b], opts.warm_up_ms)
     qa: list[QueryTiming] = []
     qb: list[QueryTiming] = []
-    start = now_ms()
-    while len(qa) < opts.iterations or now_ms() - start < opts.duration_s * 1e3:
+    while _more(qa, opts):
         qa.append(a.query())
         qb.append(b.query())
         if progress is not None:
