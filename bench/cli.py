@@ -336,9 +336,8 @@ def run(args: argparse.Namespace) -> int:
                 target.query()
             profile = ort_node_times(engine.end_profiling(), opts.iterations)
             engine.unload()
-        for target in (a, b):
-            if target is not None:
-                target.engine.unload()
+        for target in [t for t in (a, b) if t is not None]:
+            target.engine.unload()
     print(f"=== Model: {model.cfg.name} ({model.cfg.num_layers} layers), numerics {args.numerics}, device {device_name()}")
     print(f"=== Shape: {dims}  ({flops / 1e12:.4g} TFLOP per query, model-spec §8)")
     rows = []

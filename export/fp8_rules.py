@@ -184,9 +184,11 @@ def check_fp8(model: onnx.ModelProto) -> list[Violation]:
         chains = []
         for i in mm.input:
             dq = g.producer.get(i)
-            q = g.producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-            if q is not None and q.op_type == "QuantizeLinear":
-                chains.append((i, q))
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            quant = g.producer.get(dq.input[0])
+            if quant is not None and quant.op_type == "QuantizeLinear":
+                chains.append((i, quant))
         if not any(g.rope_applied(i) for i, _ in chains):
             continue  # cross-attention: no RoPE
         for _, q in chains:

@@ -94,6 +94,8 @@ class ExportableDiT(nn.Module):
     and returns only the video velocity.
     """
 
+    omega: torch.Tensor  # timestep sinusoid frequencies (a non-persistent buffer)
+
     def __init__(self, model: JavisDiT, flavor: Flavor | str = Flavor.NATIVE, ffn_plugin: bool = True) -> None:
         super().__init__()
         self.model = model
@@ -136,7 +138,8 @@ class ExportableDiT(nn.Module):
         rounded to the activation dtype after, one rounding fewer than the reference's bf16 conv."""
         if self.flavor is Flavor.MATH and act == torch.bfloat16:
             conv_fn = F.conv3d if isinstance(conv, nn.Conv3d) else F.conv2d
-            return conv_fn(x.float(), conv.weight.float(), conv.bias.float(), conv.stride).to(act)
+            bias = None if conv.bias is None else conv.bias.float()
+            return conv_fn(x.float(), conv.weight.float(), bias, conv.stride).to(act)
         return conv(x.to(act))  # type: ignore[no-any-return]
 
     def _head(self, head: Head, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
@@ -245,7 +248,7 @@ class ExportableDiT(nn.Module):
             t = t.to(torch.bfloat16).float()
         angles = t[:, None] * self.omega[None, :]
         sinus = torch.cat((angles.cos(), angles.sin()), dim=1)
-        e = m.time_embedding(sinus.to(m.time_embedding[0].weight.dtype))
+        e = m.time_embedding(sinus.to(next(m.time_embedding.parameters()).dtype))
         e0 = m.time_projection(e).unflatten(1, (6, d)).to(act)
         ae0 = m.audio_time_projection(e).unflatten(1, (3, d)).to(act) if audio is not None else None
         ctx = m.text_embedding(context.to(act))

@@ -75,8 +75,10 @@ def modality_ffn(
     x: torch.Tensor, mod: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
     num_video_tokens: torch.SymInt | int, eps: float,
 ) -> torch.Tensor:  # fmt: skip
-    nvt = torch.full((1,), num_video_tokens, dtype=torch.int64, device=x.device)
-    attrs = {"plugin_namespace": DOMAIN, "eps": float(eps), "tensorrt_plugin_shape_input_indices": [6]}
+    nvt = torch.full((1,), num_video_tokens, dtype=torch.int64, device=x.device)  # type: ignore[arg-type]  # SymInt when traced
+    attrs: dict[str, Any] = {
+        "plugin_namespace": DOMAIN, "eps": float(eps), "tensorrt_plugin_shape_input_indices": [6],
+    }
     return torch.onnx.ops.symbolic(
         f"{DOMAIN}::modality_ffn", (x, mod, w1, b1, w2, b2, nvt), attrs, dtype=x.dtype, shape=x.shape, version=VERSION
     )

@@ -36,6 +36,7 @@ from unittest import mock
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
@@ -61,7 +62,7 @@ QUANTIZED_LINEARS = (
     "*blocks.*.ffn.[02]",
     "*blocks.*.audio_ffn.[02]",
 )
-QUANT_CFG: list[dict[str, object]] = [
+QUANT_CFG: list[dict[str, Any]] = [
     {"quantizer_name": "*", "enable": False},
     *(
         {"quantizer_name": f"{linear}.{q}_quantizer", "cfg": FP8_E4M3}
