@@ -147,17 +147,14 @@ def request_dims(args: argparse.Namespace, contract: Any) -> dict[str, int]:
 def build_model(args: argparse.Namespace, device: torch.device) -> Any:
     from javisrt.engine.checkpoint import load_model
     from javisrt.engine.config import JavisConfig
-    from javisrt.engine.model import build_model as _build, init_weights
+    from javisrt.engine.model import random_model
 
     if args.checkpoint is not None:
         if args.layers:
             raise ConfigError("--layers applies to random-weight presets, not to a checkpoint")
         return load_model(args.checkpoint, numerics=args.numerics, device=device)
     cfg = JavisConfig.from_name(args.preset, **({"num_layers": args.layers} if args.layers else {}))
-    dtype = torch.float32 if args.numerics == "fp32" else torch.bfloat16
-    model = _build(cfg, "meta").to(dtype).to_empty(device=device)
-    init_weights(model, torch.Generator(device="cpu").manual_seed(0))
-    return model.set_numerics(args.numerics).requires_grad_(False).eval()
+    return random_model(cfg, args.numerics, device)
 
 
 def make_engine(

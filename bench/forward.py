@@ -17,7 +17,7 @@ import torch
 
 from javisrt.engine.config import JavisConfig
 from javisrt.engine.flops import forward_flops
-from javisrt.engine.model import Numerics, build_model, init_weights
+from javisrt.engine.model import Numerics, random_model
 
 # name -> (video latent [T, H8, W8], audio latent Tm4): model-spec.md §7–8
 CASES = {
@@ -53,11 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     (t, h, w), tm4 = CASES[args.case]
     rss0 = max_rss_gib()
     t0 = time.perf_counter()
-    model = build_model(cfg, "meta")
-    dtype = torch.float32 if args.numerics == "fp32" else torch.bfloat16
-    model = model.to(dtype).to_empty(device="cpu")
-    init_weights(model, torch.Generator().manual_seed(0))
-    model.set_numerics(args.numerics).requires_grad_(False).eval()
+    model = random_model(cfg, args.numerics)
     build_s = time.perf_counter() - t0
     rss_weights = max_rss_gib()
 

@@ -78,7 +78,7 @@ def export_graph(model: Any, contract: Any, precision: str, path: Path, calib_sh
 
 def check_one(preset: str, precision: str, args: argparse.Namespace) -> Row:
     from javisrt.engine.config import JavisConfig
-    from javisrt.engine.model import build_model, init_weights
+    from javisrt.engine.model import random_model
     from javisrt.export import trt_build
     from javisrt.export.contract import DiTContract
     from javisrt.runtime.backends.onnxruntime import OnnxRuntimeBackend
@@ -97,7 +97,7 @@ def check_one(preset: str, precision: str, args: argparse.Namespace) -> Row:
             from javisrt.engine.checkpoint import load_model
 
             return load_model(args.checkpoint, cfg, "fp32")
-        return init_weights(build_model(cfg), torch.Generator().manual_seed(0)).eval()
+        return random_model(cfg)
 
     # 1. export (the ONNX carries the full contract; the build selects the profile)
     onnx_path = export_graph(fresh_model(), DiTContract.for_config(cfg), precision, work / "model.onnx", [dims])

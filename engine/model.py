@@ -449,6 +449,22 @@ def build_model(cfg: JavisConfig, device: torch.device | str = "cpu", ops: str =
         return JavisDiT(cfg, ops=ops)
 
 
+def random_model(
+    cfg: JavisConfig, numerics: Numerics | str = Numerics.FP32, device: torch.device | str = "cpu", seed: int = 0
+) -> JavisDiT:
+    """An eval-mode model with :func:`init_weights` weights, for tests, the demo and benchmarks.
+
+    Built on the meta device and materialised once, in the numerics' dtype, on ``device`` (the full
+    preset never exists twice); the random values are drawn on the CPU, so a seed gives the same
+    weights on every device.
+    """
+    numerics = Numerics(numerics)
+    dtype = torch.float32 if numerics is Numerics.FP32 else torch.bfloat16
+    model = build_model(cfg, "meta").to(dtype).to_empty(device=device)
+    init_weights(model, torch.Generator().manual_seed(seed))
+    return model.set_numerics(numerics).requires_grad_(False).eval()
+
+
 def init_weights(model: JavisDiT, generator: torch.Generator | None = None) -> JavisDiT:
     """Random weights with O(1) activations, for tests and the demo.
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from javisrt.engine.config import JavisConfig
-from javisrt.engine.model import JavisDiT, build_model, init_weights
+from javisrt.engine.model import JavisDiT, random_model
 from javisrt.runtime import sampling
 from javisrt.runtime.decode import AudioDecoder, VideoDecoder
 from javisrt.runtime.latents import (
@@ -170,9 +170,7 @@ def tiny_vocoder(seed: int = 0) -> Any:  # transformers.SpeechT5HifiGan
 
 def tiny_dit(seed: int = 0, config: JavisConfig | str = TINY_PRESET) -> JavisDiT:
     cfg = JavisConfig.from_name(config) if isinstance(config, str) else config
-    model = build_model(cfg)
-    init_weights(model, torch.Generator().manual_seed(seed))
-    return model.requires_grad_(False).eval()
+    return random_model(cfg, seed=seed)
 
 
 @dataclass(frozen=True)
