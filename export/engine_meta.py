@@ -26,8 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from javisrt.engine.errors import EngineMismatchError
 
 log = logging.getLogger(__name__)
@@ -56,24 +54,6 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
-def checkpoint_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 over (name, dtype, shape, bytes) of every tensor, in sorted name order.
-
-    Layout-independent: the same weights loaded from an official shard set or from a javisrt
-    single file give the same fingerprint. This is the ``checkpoint_sha256`` an engine records (the
-    exporter computes it from the state dict it exported; a refit recomputes it for the new weights).
-    """
-    h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name]
-        if t.device.type == "meta":
-            raise EngineMismatchError(f"cannot fingerprint {name!r}: it is on the meta device (not loaded)")
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{name}\0{str(t.dtype)}\0{tuple(t.shape)}\0".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 @dataclass(frozen=True)
 class PluginRecord:
     """One AOT plugin baked into the plan (name/namespace as registered, PTX provenance)."""
@@ -95,7 +75,7 @@ class EngineMetadata:
     cuda_runtime_version: int  # cudaRuntimeGetVersion(), e.g. 13040
     precision: str  # "fp32" | "bf16" | "fp8": from the ONNX types / Q/DQ (strongly typed)
     contract: dict[str, Any]  # DiTContract.to_dict(): I/O names, dtypes, profiles
-    checkpoint_sha256: str | None  # checkpoint_fingerprint of the weights inside; None if stripped
+    checkpoint_sha256: str | None  # the export's checkpoint hash (ONNX javisrt.checkpoint_sha256); None if stripped
     onnx_sha256: str  # the ONNX file the plan was built from
     plan_sha256: str
     plan_bytes: int
