@@ -339,7 +339,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"=== Shape: {dims}  ({flops / 1e12:.4g} TFLOP per query, model-spec §8)")
     rows = []
     for m in measurements:
-        rows.append(_report(m, args, opts, percentiles, flops, dims))
+        rows.append(_report(m, args, opts, percentiles, flops, dims, device))
     if b is not None:
         ratio = paired_ratio(measurements[0], measurements[1], "latency_ms")
         print(f"=== Compare: {measurements[1].target} / {measurements[0].target} latency, {ratio.pairs} interleaved pairs: "
@@ -356,7 +356,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _report(m: Measurement, args: argparse.Namespace, opts: InferenceOptions, percentiles: tuple[float, ...],
-            flops: float, dims: dict[str, int]) -> dict[str, Any]:  # fmt: skip
+            flops: float, dims: dict[str, int], device: torch.device) -> dict[str, Any]:  # fmt: skip
     summary = summarize_queries(m.queries, batch=1, percentiles=percentiles)
     print(f"\n##### backend {m.target}")
     print("\n".join(trace_lines(m, opts.avg_runs)))
@@ -369,7 +369,7 @@ def _report(m: Measurement, args: argparse.Namespace, opts: InferenceOptions, pe
     line = f"Achieved: {achieved:.4g} TFLOP/s at the median GPU Compute Time"
     line += f" ({100 * achieved / peak:.3g}% of the {peak:g} TFLOP/s {precision} peak)" if peak else " (device peak unknown)"
     print(line)
-    if args_device_is_cpu(args):
+    if device.type == "cpu":
         print("Note: CPU engines are synchronous: Enqueue Time includes the compute, so the enqueue warning is expected.")
     return {
         "backend": m.target, "model": args.preset if args.checkpoint is None else str(args.checkpoint),
@@ -378,10 +378,6 @@ def _report(m: Measurement, args: argparse.Namespace, opts: InferenceOptions, pe
         "compute_cov_percent": summary.compute.cov_percent, "throughput_qps": summary.throughput_qps,
         "tflops": achieved, "tflop_per_query": flops / 1e12,
     }
-
-
-def args_device_is_cpu(args: argparse.Namespace) -> bool:
-    return (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu")
 
 
 def run_pipeline(args: argparse.Namespace) -> int:

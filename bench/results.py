@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import importlib.metadata
 import json
 import platform
 import subprocess
@@ -46,14 +47,12 @@ def device_name() -> str:
 
 
 def versions() -> dict[str, str]:
-    import torch
-
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    for name in ("onnxruntime", "triton", "tensorrt"):
+    """Installed distributions' versions, read from their metadata (nothing is imported)."""
+    out = {"python": platform.python_version()}
+    for name in ("torch", "onnxruntime", "triton", "tensorrt"):
         try:
-            module = __import__(name)
-            out[name] = getattr(module, "__version__", "?")
-        except ImportError:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
             continue
     return out
 
