@@ -41,7 +41,7 @@ from javisrt.runtime.latents import (
 )
 from javisrt.runtime.media import check_writable_dir
 from javisrt.runtime.pipeline import GenerationConfig, JavisPipeline, Progress
-from javisrt.runtime.text import TextEncoder
+from javisrt.runtime.text import UMT5_XXL, TextEncoder
 
 TINY_PRESET = "tiny"
 # The demo request: 2 s (33 frames) at 64 x 64, enough to show motion and sound, fast on 2 CPU cores.
@@ -87,19 +87,9 @@ def tiny_tokenizer(model_max_length: int = 16) -> Any:  # transformers.PreTraine
 def tiny_umt5(seed: int = 0, d_model: int = 32) -> Any:  # transformers.UMT5EncoderModel
     from transformers import UMT5Config, UMT5EncoderModel
 
-    cfg = UMT5Config(
-        vocab_size=259,
-        d_model=d_model,
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=32,
-        relative_attention_max_distance=128,
-        dropout_rate=0.0,
-        feed_forward_proj="gated-gelu",
-        is_encoder_decoder=False,
-    )
+    # the real encoder's architecture (relative-attention buckets, gated-GELU, encoder only), scaled down
+    cfg = UMT5Config(**{**UMT5_XXL, "vocab_size": 259, "d_model": d_model, "d_kv": 8, "d_ff": 64,
+                        "num_layers": 2, "num_heads": 4})
     with seeded(seed):
         model = UMT5EncoderModel(cfg)
     return model.eval().requires_grad_(False)
