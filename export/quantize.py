@@ -11,8 +11,8 @@ Everything else (patch/time/text embeddings, modulation tables, heads) is left u
 Calibration runs the *unquantized* model along real sampling trajectories: for each calibration
 prompt, a CFG Euler rectified-flow loop (model-spec §6.1: shifted timesteps, ``v = v_u + g (v_c - v_u)``,
 ``z <- z + v (t_i - t_{i+1}) / 1000``) from seeded noise; every step's forward feeds the calibrators.
-This is the minimal loop of :func:`euler_sample` (``runtime/sampling.py`` is not available to this
-module); the fidelity test uses the same loop.
+The loop is the project's own sampler (``runtime/sampling.sample``, the C++ loop when built) with the
+released schedule (:func:`calibration_sampler`); the fidelity check runs the same.
 
 Export: modelopt's ``get_onnx_bytes_and_metadata`` (TorchScript exporter, the only one its FP8
 quantizers export through, feasibility §5) at opset 20, then the fixes ONNX Runtime and TensorRT need:
@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import math
 import tempfile
 import warnings
 from unittest import mock
@@ -38,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
 from tqdm import tqdm
@@ -47,6 +47,7 @@ from javisrt.engine.model import JavisDiT
 from javisrt.export.contract import DiTContract, Dims
 from javisrt.export.module import AttentionCore, ExportableDiT, Flavor
 from javisrt.export.onnx import Precision, example_args, finalize, legacy_dynamic_axes
+from javisrt.runtime import sampling
 
 log = logging.getLogger(__name__)
 
@@ -103,53 +104,41 @@ def _mtq():  # type: ignore[no-untyped-def]
 # ---------------------------------------------------------------------------------------------------
 
 
-def shift_ratio(num_frames: int, height: int, width: int) -> float:
-    """Timestep shift r = sqrt(H*W / 512^2) * sqrt((F // 17) * 5) (model-spec §6.1, scale 1)."""
-    return math.sqrt(height * width / 512**2) * math.sqrt((num_frames // 17) * 5)
-
-
-def shifted_timesteps(steps: int, shift: float) -> list[float]:
-    """t_i = (1 - i/N) * 1000 shifted as ``r s / (1 + (r - 1) s)``, i = 0..N-1, then the final 0."""
-    out = []
-    for i in range(steps):
-        s = 1.0 - i / steps
-        out.append(shift * s / (1 + (shift - 1) * s) * 1000.0)
-    return out + [0.0]
-
-
 Denoiser = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]
+"""``denoise(video[2B], audio[2B] | None, t[2B], context[2B]) -> velocities``, on ``[cond; uncond]``."""
 
 
-def euler_sample(
-    denoise: Denoiser,
-    video: torch.Tensor,
-    audio: torch.Tensor | None,
-    cond: torch.Tensor,
-    uncond: torch.Tensor,
-    timesteps: Sequence[float],
-    guidance: float = 5.0,
-    on_step: Callable[[int, tuple[torch.Tensor, ...]], None] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """CFG Euler RF loop: ``denoise(video[2B], audio[2B], t[2B], context[2B])`` on ``[cond; uncond]``.
+def calibration_sampler(dims: Dims, steps: int, guidance: float, has_audio: bool) -> sampling.SamplerConfig:
+    """The released sampler (Euler, Open-Sora shift with its bf16-rounded ratio) for a contract shape.
 
-    ``z <- z + v (t_i - t_{i+1}) / 1000`` with ``v = v_u + guidance (v_c - v_u)`` for each modality.
-    ``on_step(i, velocities)`` sees the guided velocities of step i.
+    Clips shorter than 17 frames (the tests' tiny shapes) give ``F // 17 = 0``, so ratio 0 and a
+    degenerate schedule the release never samples: those run unshifted (ratio 1).
     """
-    b = video.shape[0]
+    frames = (dims["video_frames"] - 1) * 4 + 1
+    shift = 1.0
+    if frames >= 17:  # rflow_shift refuses the degenerate range; small pixel sizes can still give r < 1
+        shift = max(sampling.rflow_shift(dims["video_height"] * 8, dims["video_width"] * 8, frames), 1.0)
+    return sampling.SamplerConfig(sampling.Solver.EULER, steps, (guidance,) * (2 if has_audio else 1), shift)
+
+
+def sample_trajectory(
+    denoise: Denoiser, video: torch.Tensor, audio: torch.Tensor | None, cond: torch.Tensor, uncond: torch.Tensor,
+    config: sampling.SamplerConfig,
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """One CFG sampling run of ``denoise`` from (video, audio) noise through the project's sampling loop
+    (``runtime/sampling.sample``: the C++ loop when built)."""
     context = torch.cat((cond, uncond))
-    for i in range(len(timesteps) - 1):
-        t = torch.full((2 * b,), float(timesteps[i]))
-        vel = denoise(
-            torch.cat((video, video)), torch.cat((audio, audio)) if audio is not None else None, t, context
-        )
-        guided = tuple(u + guidance * (c - u) for c, u in (v.chunk(2) for v in vel))
-        if on_step is not None:
-            on_step(i, guided)
-        dt = (timesteps[i] - timesteps[i + 1]) / 1000.0
-        video = video + guided[0] * dt
-        if audio is not None:
-            audio = audio + guided[1] * dt
-    return video, audio
+    latents = [video.float().contiguous().numpy()] + ([audio.float().contiguous().numpy()] if audio is not None else [])
+
+    def denoiser(inputs: list[np.ndarray], timesteps: np.ndarray) -> list[np.ndarray]:
+        v = torch.tensor(inputs[0])  # a copy: the loop's buffers are read-only and valid only in the call
+        a = torch.tensor(inputs[1]) if len(inputs) > 1 else None
+        out = denoise(v, a, torch.tensor(timesteps), context)
+        return [np.ascontiguousarray(o.float().numpy()) for o in out]
+
+    result = sampling.sample(latents, denoiser, config)
+    final = [torch.from_numpy(np.array(x)) for x in result.latents]
+    return final[0], (final[1] if len(final) > 1 else None)
 
 
 def contract_denoiser(wrapper: torch.nn.Module, contract: DiTContract) -> Denoiser:
@@ -186,16 +175,17 @@ class CalibrationSet:
         negative = torch.randn(1, cfg.text_len, cfg.text_dim, generator=g)
         return cls(prompts, negative, tuple({**s, "batch": 1} for s in shapes), **kw)  # type: ignore[arg-type]
 
-    def trajectories(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, list[float], Dims]]:
-        """(video noise, audio noise, prompt, timesteps, dims) per (prompt, shape), seeded."""
+    def trajectories(
+        self,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, sampling.SamplerConfig, Dims]]:
+        """(video noise, audio noise, prompt, sampler config, dims) per (prompt, shape), seeded."""
         g = torch.Generator().manual_seed(self.seed)
         for dims in self.shapes:
-            frames = (dims["video_frames"] - 1) * 4 + 1
-            ts = shifted_timesteps(self.steps, max(shift_ratio(frames, dims["video_height"] * 8, dims["video_width"] * 8), 1.0))
+            config = calibration_sampler(dims, self.steps, self.guidance, "audio_frames" in dims)
             for p in self.prompts:
                 video = torch.randn(1, 16, dims["video_frames"], dims["video_height"], dims["video_width"], generator=g)
                 audio = torch.randn(1, 8, dims["audio_frames"], 16, generator=g) if "audio_frames" in dims else None
-                yield video, audio, p[None], ts, dims
+                yield video, audio, p[None], config, dims
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -220,8 +210,8 @@ def quantize_fp8(
     runs = list(calib.trajectories())
 
     def forward_loop(_: torch.nn.Module) -> None:
-        for video, audio, prompt, ts, _dims in tqdm(runs, desc="FP8 calibration", unit="trajectory", leave=False):
-            euler_sample(denoise, video, audio, prompt, calib.negative, ts, calib.guidance)
+        for video, audio, prompt, config, _dims in tqdm(runs, desc="FP8 calibration", unit="trajectory", leave=False):
+            sample_trajectory(denoise, video, audio, prompt, calib.negative, config)
 
     config = {"quant_cfg": QUANT_CFG, "algorithm": "max"}
     with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):  # modelopt prints a summary table
@@ -317,7 +307,7 @@ class Fidelity:
 
 def fp8_fidelity(
     fp8: Denoiser, reference: Denoiser, video: torch.Tensor, audio: torch.Tensor, cond: torch.Tensor,
-    uncond: torch.Tensor, timesteps: Sequence[float], guidance: float = 5.0,
+    uncond: torch.Tensor, config: sampling.SamplerConfig,
 ) -> Fidelity:  # fmt: skip
     """Run the reference trajectory, comparing the FP8 velocity at each of its steps, then the FP8 run."""
     worst = [1.0, 1.0]
@@ -330,7 +320,7 @@ def fp8_fidelity(
         return ref
 
     with torch.no_grad():
-        ref_v, ref_a = euler_sample(compare, video, audio, cond, uncond, timesteps, guidance)
-        q_v, q_a = euler_sample(fp8, video, audio, cond, uncond, timesteps, guidance)
+        ref_v, ref_a = sample_trajectory(compare, video, audio, cond, uncond, config)
+        q_v, q_a = sample_trajectory(fp8, video, audio, cond, uncond, config)
     assert ref_a is not None and q_a is not None
     return Fidelity((worst[0], worst[1]), (psnr(q_v, ref_v), psnr(q_a, ref_a)))

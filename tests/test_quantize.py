@@ -13,6 +13,7 @@ from onnx import numpy_helper
 from javisrt.engine.config import JavisConfig
 from javisrt.engine.model import build_model, init_weights
 from javisrt.export.contract import DiTContract
+from javisrt.runtime.sampling import SamplerConfig, Solver
 from javisrt.export.fp8_rules import SOFTMAX_SCALE, attention_matmuls, audit_ops, check_fp8
 from javisrt.export.quantize import (
     CalibrationSet,
@@ -20,7 +21,6 @@ from javisrt.export.quantize import (
     export_fp8,
     fp8_fidelity,
     quantize_fp8,
-    shifted_timesteps,
 )
 from tests._tolerance import rel_err
 
@@ -163,7 +163,7 @@ def test_fp8_checker_fails_each_broken_copy(setup, rule: str) -> None:  # type: 
 
 
 def test_fp8_fidelity_vs_bf16(setup) -> None:  # type: ignore[no-untyped-def]
-    """10-step CFG Euler run (the minimal loop of export/quantize.py), on a prompt and noise not used in
+    """10-step CFG Euler run (the project's sampler, shift 2), on a prompt and noise not used in
     calibration: FP8 fake-quant on top of the BF16 ("official") numerics vs the BF16 model, the pair a
     TensorRT FP8 engine and BF16 engine would form. Also printed: FP8 over fp32 vs fp32, and BF16 vs fp32
     for scale (BF16 rounds the timestep to bf16 before the sinusoid, the largest term)."""
@@ -178,7 +178,7 @@ def test_fp8_fidelity_vs_bf16(setup) -> None:  # type: ignore[no-untyped-def]
     audio = torch.randn(1, 8, dims["audio_frames"], 16, generator=g)
     cond = torch.randn(1, cfg.text_len, cfg.text_dim, generator=g)
     uncond = torch.randn(1, cfg.text_len, cfg.text_dim, generator=g)
-    ts = shifted_timesteps(10, 2.0)
+    ts = SamplerConfig(Solver.EULER, 10, (5.0, 5.0), 2.0)  # 10 Euler steps, shift 2, CFG 5 per modality
     vs_bf16 = fp8_fidelity(contract_denoiser(bf16_fp8, contract), bf16, video, audio, cond, uncond, ts)
     vs_fp32 = fp8_fidelity(contract_denoiser(fp32_fp8, contract), reference, video, audio, cond, uncond, ts)
     bf16_vs_fp32 = fp8_fidelity(bf16, reference, video, audio, cond, uncond, ts)
