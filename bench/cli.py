@@ -36,10 +36,13 @@ from javisrt.bench.measure import InferenceOptions, Measurement, measure, measur
 from javisrt.bench.report import QueryTiming, export_times, format_summary, summarize_queries
 from javisrt.bench.results import append_row, device_name
 from javisrt.engine.errors import ConfigError, UnavailableError
+from javisrt.export.contract import AUDIO, TIMESTEP, VIDEO, CONTEXT, VIDEO_FRAMES
+from javisrt.runtime.backends import ENGINES, create_engine
+from javisrt.runtime.denoise_session import DenoiseSession
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "ort", "trt")
+BACKENDS = ENGINES  # one vocabulary on every command: torch | onnxruntime | tensorrt
 # Dense tensor-core peaks (TFLOP/s) by device-name substring: shared/perf-anchors.md (H100 SXM datasheet;
 # the H200 has the H100's arithmetic rates).
 DEVICE_PEAK_TFLOPS = {"H100": {"bf16": 989.0, "fp8": 1979.0}, "H200": {"bf16": 989.0, "fp8": 1979.0}}
@@ -53,14 +56,16 @@ def register(subparsers: Any) -> None:
     )  # fmt: skip
     m = p.add_argument_group("Model options")
     m.add_argument("--backend", choices=BACKENDS, default="torch", help="engine backend (default torch)")
-    m.add_argument("--checkpoint", type=Path, help="DiT checkpoint (any layout load_model reads); default: random weights")
+    m.add_argument("--checkpoint", type=Path,
+                   help="torch: DiT checkpoint (any layout load_model reads); default: random weights")
     m.add_argument("--preset", default="tiny", help="network preset when no checkpoint is given (default tiny)")
     m.add_argument("--layers", type=int, help="override the preset's num_layers (full width, fewer blocks)")
     m.add_argument("--numerics", choices=("fp32", "official"), default="fp32",
                    help="torch: fp32, or the reference's bf16 numerics (default fp32)")
     m.add_argument("--ops", choices=("torch", "triton"), default="torch", help="torch: op implementation")
-    m.add_argument("--onnx", type=Path, help="ort: the graph to run (default: export the model's fp32 native graph)")
-    m.add_argument("--engine", type=Path, help="trt: the serialized plan")
+    m.add_argument("--engine-file", type=Path,
+                   help="onnxruntime: the .onnx to run (default: export the random model's fp32 native graph); "
+                   "tensorrt: the .plan (required). Its metadata gives the network: no eager model is built")
     m.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     s = p.add_argument_group("Shape options (one request; batch 2 = one CFG step)")
     s.add_argument("--resolution", default=None, help="bucket: 144p/240p/360p/480p (with --aspect-ratio)")
@@ -77,11 +82,12 @@ def register(subparsers: Any) -> None:
     i.add_argument("--duration", type=float, default=3.0, help="minimum timed duration in s (default 3)")
     i.add_argument("--avgRuns", type=int, default=10, help="queries per trace average (default 10)")
     i.add_argument("--percentile", default="90,95,99", help="percentiles to report (default 90,95,99)")
-    i.add_argument("--useCudaGraph", action="store_true", help="capture the engine call as a CUDA graph (GPU)")
+    i.add_argument("--useCudaGraph", action="store_true",
+                   help="capture the engine call as a CUDA graph and replay it (torch and tensorrt on a GPU; "
+                   "an engine that cannot capture says so)")
     i.add_argument("--noDataTransfers", action="store_true", help="do not copy inputs in / outputs out per query")
     i.add_argument("--compare", choices=BACKENDS, help="also run BACKEND, interleaved, and report the paired ratio")
-    i.add_argument("--compare-onnx", type=Path, help="--onnx for the compared backend")
-    i.add_argument("--compare-engine", type=Path, help="--engine for the compared backend")
+    i.add_argument("--compare-engine-file", type=Path, help="--engine-file for the compared backend")
     i.add_argument("--pipeline", action="store_true", help="time the whole pipeline per stage instead of the DiT")
     r = p.add_argument_group("Reporting options")
     r.add_argument("--exportTimes", type=Path, help="write per-query timings (trtexec JSON layout)")
@@ -115,29 +121,38 @@ def _parse_dims(text: str) -> dict[str, int]:
     return out
 
 
-def request_dims(args: argparse.Namespace, contract: Any) -> dict[str, int]:
-    """The contract dims of the requested shape (validated by the contract)."""
-    from javisrt.runtime.latents import bucket_size, latent_geometry
+def requested_shape(args: argparse.Namespace) -> dict[str, int] | tuple[int, int]:
+    """The shape flags, checked before any engine is built: explicit ``--dims``, or the pixel (H, W)."""
+    from javisrt.engine.latents import bucket_size
 
     if args.dims:
         if args.resolution or args.height or args.width:
             raise ConfigError("give either --dims or a resolution/size, not both")
-        return contract.resolve(_parse_dims(args.dims))  # type: ignore[no-any-return]
+        return _parse_dims(args.dims)
     if args.batch < 1:
         raise ConfigError(f"--batch must be >= 1, got {args.batch}")
     if args.resolution:
         if args.height or args.width:
             raise ConfigError("give either --resolution or --height/--width, not both")
-        h, w = bucket_size(args.resolution, args.aspect_ratio)
-    elif args.height and args.width:
-        h, w = args.height, args.width
-    else:
-        raise ConfigError("give a shape: --resolution, --height and --width, or --dims")
+        return bucket_size(args.resolution, args.aspect_ratio)
+    if args.height and args.width:
+        return args.height, args.width
+    raise ConfigError("give a shape: --resolution, --height and --width, or --dims")
+
+
+def request_dims(args: argparse.Namespace, contract: Any) -> dict[str, int]:
+    """The contract dims of the requested shape (validated by the contract)."""
+    from javisrt.engine.latents import latent_geometry
+
+    shape = requested_shape(args)
+    if isinstance(shape, dict):
+        return contract.resolve(shape)  # type: ignore[no-any-return]
+    h, w = shape
     geo = latent_geometry(args.frames, h, w, min_frames=1, max_frames=10_000)
     assert geo.video is not None
     _, t, h8, w8 = geo.video
     dims = {"batch": args.batch, "video_frames": t, "video_height": h8, "video_width": w8}
-    if contract.config.has_audio:
+    if contract.has_audio:
         assert geo.audio is not None
         dims["audio_frames"] = geo.audio[1]
     return contract.resolve(dims)  # type: ignore[no-any-return]
@@ -158,32 +173,24 @@ def build_model(args: argparse.Namespace, device: torch.device) -> Any:
 
 
 def make_engine(
-    backend: str, model: Any, contract: Any, device: torch.device, args: argparse.Namespace,
-    onnx: Path | None, plan: Path | None, workdir: Path, profile_prefix: Path | None = None,
+    backend: str, model: Any, device: torch.device, args: argparse.Namespace, engine_file: Path | None,
+    workdir: Path, profile_prefix: Path | None = None,
 ) -> Any:  # fmt: skip
+    """The engine ``backend`` through the one factory; ``model`` is None when only compiled engines run."""
     if backend == "torch":
-        from javisrt.runtime.backends.torch_engine import TorchBackend
+        return create_engine("torch", model=model, ops=args.ops, device=device, cuda_graphs=args.useCudaGraph)
+    if backend == "tensorrt" and engine_file is None:
+        raise ConfigError("--backend tensorrt needs --engine-file PLAN (build one with `javisrt build`)")
+    if engine_file is None:  # onnxruntime: export the random model's graph once per run
+        from javisrt.export.contract import DiTContract
+        from javisrt.export.onnx import export_dit, save
 
-        return TorchBackend(contract, model=model, ops=args.ops, device=device, cuda_graphs=args.useCudaGraph)
-    if backend == "ort":
-        from javisrt.runtime.backends.onnxruntime import OnnxRuntimeBackend
-
-        if onnx is None:
-            onnx = workdir / "dit.fp32.onnx"
-            if not onnx.is_file():
-                from javisrt.export.onnx import export_dit, save
-
-                log.info("exporting the model's fp32 native graph for ONNX Runtime (pass --onnx to reuse one)")
-                save(export_dit(model.float().cpu(), "native", "fp32", contract), onnx)
-        providers = ("cuda",) if device.type == "cuda" else ("cpu",)
-        return OnnxRuntimeBackend(contract, onnx, providers=providers, profile_prefix=profile_prefix)
-    if backend == "trt":
-        from javisrt.runtime.backends.tensorrt import TensorRTBackend
-
-        if plan is None:
-            raise ConfigError("--backend trt needs --engine PLAN (build one with `javisrt build`)")
-        return TensorRTBackend(contract, plan, cuda_graphs=args.useCudaGraph)
-    raise ConfigError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        engine_file = workdir / "dit.fp32.onnx"
+        if not engine_file.is_file():
+            log.info("exporting the model's fp32 native graph for ONNX Runtime (pass --engine-file to reuse one)")
+            save(export_dit(model.float().cpu(), "native", "fp32", DiTContract.for_config(model.cfg)), engine_file)
+    options: dict[str, Any] = {"profile_prefix": profile_prefix} if profile_prefix is not None else {}
+    return create_engine(backend, engine_file=engine_file, device=device, cuda_graphs=args.useCudaGraph, **options)
 
 
 @dataclass
@@ -213,11 +220,17 @@ class EngineTarget:
         return QueryTiming(e_h2d, e_enq, s_h2d, e_h2d, e_h2d, e_comp, e_comp, e_d2h)
 
 
-def prepare_target(name: str, engine: Any, dims: dict[str, int], inputs: dict[str, torch.Tensor], transfers: bool) -> EngineTarget:
-    engine.load()
-    engine.allocate(dims)
-    engine.write_inputs(inputs)  # everything once; per query only the per-step inputs are rewritten
-    step = {k: v for k, v in inputs.items() if k in ("video", "audio", "timestep")}
+def prepare_target(
+    name: str, engine: Any, dims: dict[str, int], inputs: dict[str, torch.Tensor], transfers: bool, use_graph: bool
+) -> EngineTarget:
+    """A request on ``engine`` (a :class:`DenoiseSession` binds the static inputs once), the per-step
+    inputs written once more, and the CUDA graph captured when asked (an engine that cannot, says so)."""
+    latents = {k: v for k, v in inputs.items() if k in (VIDEO, AUDIO)}
+    DenoiseSession(engine, inputs[CONTEXT], {k: v.shape for k, v in latents.items()}, video_frames=dims[VIDEO_FRAMES])
+    step = {**latents, TIMESTEP: inputs[TIMESTEP]}
+    engine.write_inputs(step)
+    if use_graph:
+        engine.capture_graph()
     return EngineTarget(name, engine, step, transfers)
 
 
@@ -286,33 +299,41 @@ def run(args: argparse.Namespace) -> int:
     percentiles = _percentiles(args.percentile)
     if args.pipeline:
         return run_pipeline(args)
-    if args.exportProfile is not None and args.backend == "trt":
+    if args.exportProfile is not None and args.backend == "tensorrt":
         raise NotImplementedError(
             "--exportProfile for TensorRT needs an IProfiler on the execution context (GPU only), not wired yet; "
-            "use trtexec --exportProfile on the plan, or --backend torch / ort"
+            "use trtexec --exportProfile on the plan, or --backend torch / onnxruntime"
         )
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.backend == "trt" or args.compare == "trt":
-        if device.type != "cuda":
-            raise UnavailableError("the TensorRT backend needs a CUDA GPU; this machine has none")
+    if "tensorrt" in (args.backend, args.compare) and device.type != "cuda":
+        raise UnavailableError("the tensorrt engine needs a CUDA GPU; this machine has none")
+    requested_shape(args)  # shape flags are checked before any model or engine is built
+    if args.useCudaGraph and device.type != "cuda":
+        raise UnavailableError(f"--useCudaGraph captures CUDA graphs, which needs a CUDA device (got {device})")
+    if args.engine_file is not None and args.backend == "torch":
+        raise ConfigError("--engine-file is for --backend onnxruntime / tensorrt; the torch engine runs --checkpoint")
     from javisrt.engine.flops import forward_flops
-    from javisrt.export.contract import DiTContract
 
-    model = build_model(args, device)
-    contract = DiTContract.for_config(model.cfg)
-    dims = request_dims(args, contract)
-    inputs = contract.sample_inputs(dims, torch.Generator().manual_seed(0), device=device)
-    flops = forward_flops(model.cfg, contract.token_grid(dims), batch=dims["batch"]).total
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    # The eager model is built only where it runs or must be exported (torch, or onnxruntime without a file).
+    compiled_only = all(
+        b != "torch" and f is not None
+        for b, f in ((args.backend, args.engine_file), (args.compare, args.compare_engine_file)) if b
+    )  # fmt: skip
+    model = None if compiled_only else build_model(args, device)
     transfers = not args.noDataTransfers
     with tempfile.TemporaryDirectory(prefix="javisrt-bench-") as tmp:
-        a = prepare_target(args.backend, make_engine(args.backend, model, contract, device, args, args.onnx,
-                                                     args.engine, Path(tmp)), dims, inputs, transfers)
+        engine_a = make_engine(args.backend, model, device, args, args.engine_file, Path(tmp))
+        contract = engine_a.contract
+        cfg = contract.config
+        dims = request_dims(args, contract)
+        inputs = contract.sample_inputs(dims, torch.Generator().manual_seed(0), device=device)
+        flops = forward_flops(cfg, contract.token_grid(dims), batch=dims["batch"]).total
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        a = prepare_target(args.backend, engine_a, dims, inputs, transfers, args.useCudaGraph)
         b = None
         if args.compare:
-            b = prepare_target(args.compare, make_engine(args.compare, model, contract, device, args,
-                                                         args.compare_onnx, args.compare_engine, Path(tmp)),
-                               dims, inputs, transfers)  # fmt: skip
+            engine_b = make_engine(args.compare, model, device, args, args.compare_engine_file, Path(tmp))
+            b = prepare_target(args.compare, engine_b, dims, inputs, transfers, args.useCudaGraph)
         if b is None:
             measurements = [measure(a, opts)]
         else:
@@ -325,17 +346,17 @@ def run(args: argparse.Namespace) -> int:
                 for _ in range(opts.iterations):
                     a.query()
                 profile = dict(live)
-        elif args.exportProfile is not None:  # ort: a profiled session of its own
-            engine = make_engine("ort", model, contract, device, args, args.onnx, None, Path(tmp),
+        elif args.exportProfile is not None:  # onnxruntime: a profiled session of its own
+            engine = make_engine("onnxruntime", model, device, args, args.engine_file, Path(tmp),
                                  profile_prefix=Path(tmp) / "ort_profile")  # fmt: skip
-            target = prepare_target("ort", engine, dims, inputs, transfers)
+            target = prepare_target("onnxruntime", engine, dims, inputs, transfers, False)
             for _ in range(opts.iterations):
                 target.query()
             profile = ort_node_times(engine.end_profiling(), opts.iterations)
             engine.unload()
         for target in [t for t in (a, b) if t is not None]:
             target.engine.unload()
-    print(f"=== Model: {model.cfg.name} ({model.cfg.num_layers} layers), numerics {args.numerics}, device {device_name()}")
+    print(f"=== Model: {cfg.name} ({cfg.num_layers} layers), numerics {args.numerics}, device {device_name()}")
     print(f"=== Shape: {dims}  ({flops / 1e12:.4g} TFLOP per query, model-spec §8)")
     rows = []
     for m in measurements:

@@ -81,9 +81,7 @@ def check_one(preset: str, precision: str, args: argparse.Namespace) -> Row:
     from javisrt.engine.model import random_model
     from javisrt.export import trt_build
     from javisrt.export.contract import DiTContract
-    from javisrt.runtime.backends.onnxruntime import OnnxRuntimeBackend
-    from javisrt.runtime.backends.tensorrt import TensorRTBackend
-    from javisrt.runtime.backends.torch_engine import TorchBackend
+    from javisrt.runtime.backends import create_engine
 
     row = Row(preset, precision)
     cfg = JavisConfig.from_name(preset)
@@ -114,10 +112,10 @@ def check_one(preset: str, precision: str, args: argparse.Namespace) -> Row:
     (work / "layers.json").write_text(json.dumps(trt_build.layer_info(plan), indent=1))
     # 4. numerics through the Engine interface
     x = contract.sample_inputs(dims, torch.Generator().manual_seed(1))
-    with TorchBackend(contract, model=fresh_model().set_numerics("fp32"), device="cuda") as ref_eng:
+    with create_engine("torch", model=fresh_model(), numerics="fp32", device="cuda") as ref_eng:
         ref_eng.allocate(dims)
         ref = {k: v.float().cpu() for k, v in ref_eng.infer(x).items()}
-    with TensorRTBackend(contract, plan, precision=precision) as trt_eng:
+    with create_engine("tensorrt", engine_file=plan, device="cuda", cuda_graphs=True, precision=precision) as trt_eng:
         trt_eng.allocate(dims)
         out = {k: v.clone() for k, v in trt_eng.infer(x).items()}
         row.rel_err_torch = max(rel_err(out[k], ref[k]) for k in ref)
@@ -132,7 +130,7 @@ def check_one(preset: str, precision: str, args: argparse.Namespace) -> Row:
         row.latency_ms = statistics.median(times[args.warmup :]) * 1e3
     if preset == "tiny":
         fp32 = export_graph(fresh_model(), DiTContract.for_config(cfg), "fp32", work / "model_fp32.onnx", [dims])
-        with OnnxRuntimeBackend(contract, fp32) as ort_eng:
+        with create_engine("onnxruntime", engine_file=fp32) as ort_eng:
             ort_eng.allocate(dims)
             ort = ort_eng.infer(x)
             row.rel_err_ort = max(rel_err(out[k], ort[k]) for k in ort)
@@ -175,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=20)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from javisrt.runtime.backends.tensorrt import device_compute_capability, import_tensorrt
+    from javisrt.export.tensorrt_api import device_compute_capability, import_tensorrt
 
     trt = import_tensorrt()  # UnavailableError (with the reason) on machines without TensorRT
     if not torch.cuda.is_available():

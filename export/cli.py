@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     from javisrt.engine.checkpoint import load_model
     from javisrt.export.fp8_rules import audit_ops, check_fp8
     from javisrt.export.onnx import export_dit, save
-    from javisrt.export.trt_build import META_CHECKPOINT
+    from javisrt.export.contract import META_CHECKPOINT
 
     if args.precision == "fp8" and args.flavor != "native":
         raise ConfigError("fp8 export is the native flavour only (modelopt Q/DQ on MatMul attention)")

@@ -32,17 +32,38 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from javisrt.engine.config import JavisConfig
+from javisrt.engine.config import GenerationMode, JavisConfig
 from javisrt.engine.errors import ConfigError, ShapeError
+from javisrt.engine.latents import bucket_size, latent_geometry
 from javisrt.engine.rope import TokenGrid, rope_cos_sin
-from javisrt.runtime.latents import bucket_size, latent_geometry
 
-CONTRACT_VERSION = "1"
+CONTRACT_VERSION = "2"  # 2: per-mode I/O (``mode``)
+
+# Tensor names: the only place they are spelled (export, engines, buffers, benchmark and tests import these).
+VIDEO = "video"
+AUDIO = "audio"
+TIMESTEP = "timestep"
+CONTEXT = "context"
+ROPE_COS = "rope_cos"
+ROPE_SIN = "rope_sin"
+VIDEO_VELOCITY = "video_velocity"
+AUDIO_VELOCITY = "audio_velocity"
+# (input latent, output velocity) per modality, in the sampling loop's order: video first, then audio.
+MODALITY_IO: tuple[tuple[str, str], ...] = ((VIDEO, VIDEO_VELOCITY), (AUDIO, AUDIO_VELOCITY))
+# Inputs that stay constant over the steps of one request (written once, kept bound).
+STATIC_INPUTS = (CONTEXT, ROPE_COS, ROPE_SIN)
+
+# ONNX ``metadata_props`` keys of an exported graph (read back by the engines and the TensorRT builder).
+META_CONTRACT = "javisrt.contract"
+META_FLAVOR = "javisrt.flavor"
+META_PRECISION = "javisrt.precision"
+META_CHECKPOINT = "javisrt.checkpoint_sha256"
 
 # Named dynamic dimensions (the ONNX dim_param strings and the keys of a ``Dims``).
 BATCH = "batch"
@@ -51,6 +72,7 @@ VIDEO_HEIGHT = "video_height"
 VIDEO_WIDTH = "video_width"
 AUDIO_FRAMES = "audio_frames"
 NUM_TOKENS = "num_tokens"
+AUDIO_BINS = 16  # AudioLDM2 latent frequency bins (64 mel / 4)
 DIM_NAMES = (BATCH, VIDEO_FRAMES, VIDEO_HEIGHT, VIDEO_WIDTH, AUDIO_FRAMES)
 
 Dims = dict[str, int]
@@ -117,6 +139,7 @@ class DiTContract:
 
     module: str
     config: JavisConfig
+    mode: GenerationMode  # which modalities the graph generates: its latent inputs and velocity outputs
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     profiles: tuple[Profile, ...] = DEFAULT_PROFILES
@@ -124,26 +147,60 @@ class DiTContract:
 
     # ---- construction --------------------------------------------------------------------------
     @classmethod
-    def for_config(cls, cfg: JavisConfig, profiles: tuple[Profile, ...] = DEFAULT_PROFILES) -> DiTContract:
+    def for_config(
+        cls,
+        cfg: JavisConfig,
+        profiles: tuple[Profile, ...] = DEFAULT_PROFILES,
+        mode: GenerationMode | str | None = None,
+    ) -> DiTContract:
+        """The contract of ``cfg`` generating ``mode`` (default: every modality of the network).
+
+        t2a keeps ``video_frames`` as a dim without video tensors: it sets the audio's TA-RoPE time axis.
+        """
         if cfg.patch_size[0] != 1:
             raise ConfigError(f"the contract assumes a temporal patch of 1, got {cfg.patch_size}")
+        mode = cfg.model_type if mode is None else GenerationMode(mode)
+        if not cfg.supports(mode):
+            raise ConfigError(f"the {cfg.name} network ({cfg.model_type.value}) cannot generate {mode.value}")
         video = (BATCH, cfg.in_channels, VIDEO_FRAMES, VIDEO_HEIGHT, VIDEO_WIDTH)
-        audio_bins = 16  # AudioLDM2 latent frequency bins (64 mel / 4)
-        inputs = [TensorSpec("video", "float32", video)]
-        outputs = [TensorSpec("video_velocity", "float32", (BATCH, cfg.out_channels, *video[2:]))]
-        if cfg.has_audio:
-            inputs.append(TensorSpec("audio", "float32", (BATCH, cfg.audio_in_channels, AUDIO_FRAMES, audio_bins)))
-            outputs.append(
-                TensorSpec("audio_velocity", "float32", (BATCH, cfg.audio_out_channels, AUDIO_FRAMES, audio_bins))
-            )
+        audio = (BATCH, cfg.audio_in_channels, AUDIO_FRAMES, AUDIO_BINS)
+        inputs: list[TensorSpec] = []
+        outputs: list[TensorSpec] = []
+        if mode is not GenerationMode.T2A:
+            inputs.append(TensorSpec(VIDEO, "float32", video))
+            outputs.append(TensorSpec(VIDEO_VELOCITY, "float32", (BATCH, cfg.out_channels, *video[2:])))
+        if mode is not GenerationMode.T2V:
+            inputs.append(TensorSpec(AUDIO, "float32", audio))
+            outputs.append(TensorSpec(AUDIO_VELOCITY, "float32", (BATCH, cfg.audio_out_channels, *audio[2:])))
         half = cfg.head_dim // 2
         inputs += [
-            TensorSpec("timestep", "float32", (BATCH,)),
-            TensorSpec("context", "float32", (BATCH, cfg.text_len, cfg.text_dim)),
-            TensorSpec("rope_cos", "float32", (NUM_TOKENS, half)),
-            TensorSpec("rope_sin", "float32", (NUM_TOKENS, half)),
+            TensorSpec(TIMESTEP, "float32", (BATCH,)),
+            TensorSpec(CONTEXT, "float32", (BATCH, cfg.text_len, cfg.text_dim)),
+            TensorSpec(ROPE_COS, "float32", (NUM_TOKENS, half)),
+            TensorSpec(ROPE_SIN, "float32", (NUM_TOKENS, half)),
         ]
-        return cls("dit", cfg, tuple(inputs), tuple(outputs), profiles)
+        return cls("dit", cfg, mode, tuple(inputs), tuple(outputs), profiles)
+
+    @property
+    def has_video(self) -> bool:
+        return self.mode is not GenerationMode.T2A
+
+    @property
+    def has_audio(self) -> bool:
+        return self.mode is not GenerationMode.T2V
+
+    @property
+    def modality_io(self) -> tuple[tuple[str, str], ...]:
+        """(input, output) names of the generated modalities, in the sampling loop's order."""
+        return tuple(io for io, on in zip(MODALITY_IO, (self.has_video, self.has_audio), strict=True) if on)
+
+    @property
+    def free_dims(self) -> tuple[str, ...]:
+        """The dims a request must give: video height/width only with video, audio frames only with audio."""
+        skip = ({VIDEO_HEIGHT, VIDEO_WIDTH} if not self.has_video else set()) | (
+            {AUDIO_FRAMES} if not self.has_audio else set()
+        )
+        return tuple(d for d in DIM_NAMES if d not in skip)
 
     # ---- names ---------------------------------------------------------------------------------
     @property
@@ -167,13 +224,14 @@ class DiTContract:
         for key, p in ((VIDEO_HEIGHT, ph), (VIDEO_WIDTH, pw), (AUDIO_FRAMES, pa)):
             if key in dims and dims[key] % p:
                 raise ShapeError(f"{key}={dims[key]} is not a multiple of the patch size {p}")
-        video = (dims[VIDEO_FRAMES] // pt, dims[VIDEO_HEIGHT] // ph, dims[VIDEO_WIDTH] // pw)
-        audio = (dims[AUDIO_FRAMES] // pa, 16 // pm) if self.config.has_audio else (0, 0)
+        t = dims[VIDEO_FRAMES] // pt
+        video = (t, dims[VIDEO_HEIGHT] // ph, dims[VIDEO_WIDTH] // pw) if self.has_video else (t, 0, 0)
+        audio = (dims[AUDIO_FRAMES] // pa, AUDIO_BINS // pm) if self.has_audio else (0, 0)
         return TokenGrid(video, audio)
 
     def resolve(self, dims: Dims) -> Dims:
         """``dims`` plus the derived ``num_tokens``; checks that every free dim is given."""
-        needed = [d for d in DIM_NAMES if d != AUDIO_FRAMES or self.config.has_audio]
+        needed = self.free_dims
         missing = [d for d in needed if d not in dims]
         if missing:
             raise ShapeError(f"missing dims {missing} for the {self.module} contract")
@@ -189,12 +247,24 @@ class DiTContract:
         full = self.resolve(dims)
         return {t.name: t.concrete(full) for t in self.outputs}
 
-    def dims_of(self, inputs: dict[str, torch.Tensor]) -> Dims:
-        """Read the free dims back from concrete input tensors (validating the shape of each one given)."""
-        video = inputs["video"].shape
-        dims = {BATCH: video[0], VIDEO_FRAMES: video[2], VIDEO_HEIGHT: video[3], VIDEO_WIDTH: video[4]}
-        if self.config.has_audio:
-            dims[AUDIO_FRAMES] = inputs["audio"].shape[2]
+    def dims_of(self, inputs: Mapping[str, Any], video_frames: int | None = None) -> Dims:
+        """Read the free dims back from concrete inputs (validating the shape of each one given).
+
+        t2a has no video tensor: ``video_frames`` (the video's latent frame count) must be given.
+        """
+        missing = [name for name, _ in self.modality_io if name not in inputs]
+        if missing:
+            raise ShapeError(f"inputs {missing} of the {self.mode.value} contract are missing")
+        dims: Dims = {}
+        if self.has_video:
+            v = inputs[VIDEO].shape
+            dims.update({BATCH: v[0], VIDEO_FRAMES: v[2], VIDEO_HEIGHT: v[3], VIDEO_WIDTH: v[4]})
+        elif video_frames is None:
+            raise ShapeError("an audio-only (t2a) request needs video_frames, the TA-RoPE time axis")
+        else:
+            dims.update({BATCH: inputs[AUDIO].shape[0], VIDEO_FRAMES: int(video_frames)})
+        if self.has_audio:
+            dims[AUDIO_FRAMES] = inputs[AUDIO].shape[2]
         expected = self.input_shapes(dims)
         for name, shape in expected.items():
             if name in inputs and tuple(inputs[name].shape) != shape:
@@ -212,7 +282,7 @@ class DiTContract:
     def dim_ranges(self) -> dict[str, tuple[int, int]]:
         """Overall (min, max) of every free dim across the profiles (the export's dynamic ranges)."""
         points = [pt.dims() for p in self.profiles for pt in (p.min, p.opt, p.max)]
-        keys = [d for d in DIM_NAMES if d != AUDIO_FRAMES or self.config.has_audio]
+        keys = self.free_dims
         return {k: (min(pt[k] for pt in points), max(pt[k] for pt in points)) for k in keys}
 
     # ---- tensors -------------------------------------------------------------------------------
@@ -229,11 +299,11 @@ class DiTContract:
         out: dict[str, torch.Tensor] = {}
         for spec in self.inputs:
             shape = shapes[spec.name]
-            if spec.name == "timestep":
+            if spec.name == TIMESTEP:
                 out[spec.name] = torch.rand(shape, generator=generator) * 1000.0
-            elif spec.name not in ("rope_cos", "rope_sin"):
+            elif spec.name not in (ROPE_COS, ROPE_SIN):
                 out[spec.name] = torch.randn(shape, generator=generator)
-        out["rope_cos"], out["rope_sin"] = self.rope_tables(dims)
+        out[ROPE_COS], out[ROPE_SIN] = self.rope_tables(dims)
         return {k: out[k].to(device=device, dtype=self.spec(k).torch_dtype) for k in self.input_names}
 
     # ---- serialisation -------------------------------------------------------------------------
@@ -244,6 +314,7 @@ class DiTContract:
         return {
             "module": self.module,
             "version": self.version,
+            "mode": self.mode.value,
             "config": self.config.to_dict(),
             "inputs": tensors(self.inputs),
             "outputs": tensors(self.outputs),
@@ -263,7 +334,7 @@ class DiTContract:
         profiles = tuple(
             Profile(p["name"], *(ShapePoint(**p[k]) for k in ("min", "opt", "max"))) for p in data["profiles"]
         )
-        contract = cls.for_config(JavisConfig.from_dict(data["config"]), profiles)
+        contract = cls.for_config(JavisConfig.from_dict(data["config"]), profiles, data.get("mode"))
         if contract.to_dict()["inputs"] != data["inputs"] or contract.to_dict()["outputs"] != data["outputs"]:
             raise ConfigError("contract I/O in the manifest does not match this javisrt version")
         return contract

@@ -215,3 +215,27 @@ def audit_ops(model: onnx.ModelProto) -> list[Violation]:
         else:
             out.append(Violation("op_audit", n.name, f"unknown domain {n.domain!r} ({n.op_type})"))
     return out
+
+
+_FLOAT8 = {
+    onnx.TensorProto.FLOAT8E4M3FN,
+    onnx.TensorProto.FLOAT8E4M3FNUZ,
+    onnx.TensorProto.FLOAT8E5M2,
+    onnx.TensorProto.FLOAT8E5M2FNUZ,
+}
+
+
+def has_float8_qdq(model: onnx.ModelProto) -> bool:
+    """Whether any QuantizeLinear/DequantizeLinear of the graph uses a float8 type."""
+    inits = {t.name: t.data_type for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear":
+            if len(node.input) > 2 and inits.get(node.input[2]) in _FLOAT8:
+                return True
+            if any(a.name == "output_dtype" and a.i in _FLOAT8 for a in node.attribute):
+                return True
+        if node.op_type == "DequantizeLinear" and inits.get(node.input[0]) in _FLOAT8:
+            return True
+        if node.op_type == "DequantizeLinear" and len(node.input) > 2 and inits.get(node.input[2]) in _FLOAT8:
+            return True
+    return False

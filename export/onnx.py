@@ -30,6 +30,9 @@ from javisrt.engine.model import JavisDiT
 from javisrt.export.contract import (
     AUDIO_FRAMES,
     BATCH,
+    META_CONTRACT,
+    META_FLAVOR,
+    META_PRECISION,
     NUM_TOKENS,
     VIDEO_FRAMES,
     VIDEO_HEIGHT,
@@ -44,7 +47,6 @@ log = logging.getLogger(__name__)
 OPSET = 23
 IR_VERSION = 10  # what torch writes; ORT 1.31 reads <= 13 (tensorrt-notes §8)
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # bytes of initializers above which weights go to <name>.onnx.data (protobuf: 2 GiB)
-METADATA_KEY = "javisrt.contract"
 
 # Trace at small, pairwise distinct sizes (>= 2): torch.export specialises dims of size 0/1 and could
 # relate equal ones. B=2, T=3, Hp=4, Wp=5, Ta=6.
@@ -111,7 +113,7 @@ def finalize(model: onnx.ModelProto, contract: DiTContract, flavor: str, precisi
                 dim.dim_value = want
     # Intermediate shapes carry the exporter's symbol expressions; consumers re-infer them.
     del graph.value_info[:]
-    meta = {METADATA_KEY: contract.to_json(), "javisrt.flavor": flavor, "javisrt.precision": precision}
+    meta = {META_CONTRACT: contract.to_json(), META_FLAVOR: flavor, META_PRECISION: precision}
     kept = [p for p in model.metadata_props if p.key not in meta]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)
@@ -184,6 +186,6 @@ def export_dit(
 def contract_of(model: onnx.ModelProto) -> DiTContract:
     """The contract stored in an exported graph."""
     for prop in model.metadata_props:
-        if prop.key == METADATA_KEY:
+        if prop.key == META_CONTRACT:
             return DiTContract.from_dict(json.loads(prop.value))
     raise ShapeError("graph carries no javisrt contract metadata")

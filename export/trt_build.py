@@ -36,7 +36,7 @@ import onnx
 
 from javisrt.engine.errors import ConfigError, EngineMismatchError, JavisError
 from javisrt.export import engine_meta
-from javisrt.export.contract import DiTContract
+from javisrt.export.contract import META_CHECKPOINT, META_CONTRACT, META_FLAVOR, META_PRECISION, DiTContract
 
 if TYPE_CHECKING:  # the stubs (tensorrt-stubs) type every TensorRT call below for mypy
     import tensorrt as trt
@@ -79,10 +79,6 @@ class BuildOptions:
 
 # ---- the ONNX artefact ------------------------------------------------------------------------
 
-META_CONTRACT = "javisrt.contract"
-META_FLAVOR = "javisrt.flavor"
-META_PRECISION = "javisrt.precision"
-META_CHECKPOINT = "javisrt.checkpoint_sha256"
 
 
 @dataclass(frozen=True)
@@ -115,7 +111,7 @@ def find_onnx(path: str | os.PathLike[str]) -> Path:
 
 def detect_precision(model: onnx.ModelProto) -> str:
     """fp8 if float8 Q/DQ are present, else bf16 if any initializer is bf16, else fp32."""
-    from javisrt.runtime.backends.onnxruntime import has_float8_qdq
+    from javisrt.export.fp8_rules import has_float8_qdq
 
     if has_float8_qdq(model):
         return "fp8"
@@ -275,7 +271,7 @@ def configure(
 
 
 def _gpu_info(device_id: int = 0) -> tuple[tuple[int, int], str, int]:
-    from javisrt.runtime.backends.tensorrt import cuda_call, cudart, device_compute_capability
+    from javisrt.export.tensorrt_api import cuda_call, cudart, device_compute_capability
 
     rt = cudart()
     props = cuda_call(rt.cudaGetDeviceProperties(device_id), "cudaGetDeviceProperties")
@@ -291,7 +287,7 @@ def build_engine(
     progress: Progress | None = None,
 ) -> engine_meta.EngineMetadata:
     """Build ``out`` (+ ``out.json``) from an exported graph; returns the metadata written."""
-    from javisrt.runtime.backends.tensorrt import import_tensorrt, make_logger
+    from javisrt.export.tensorrt_api import import_tensorrt, make_logger
 
     import_tensorrt()
     import tensorrt as trt
@@ -346,7 +342,7 @@ def refit_plan(
     FP8 engines: the new ONNX must carry re-computed weight scales (its Q/DQ constants are refitted
     with the weights); activation scales stay those of the build.
     """
-    from javisrt.runtime.backends.tensorrt import import_tensorrt, make_logger, refit_engine_from_onnx
+    from javisrt.export.tensorrt_api import import_tensorrt, make_logger, refit_engine_from_onnx
 
     import_tensorrt()
     import tensorrt as trt
@@ -381,7 +377,7 @@ def refit_plan(
 
 def layer_info(plan_path: str | os.PathLike[str]) -> dict[str, Any]:
     """The engine inspector's JSON (layers, tactics, fused ops) of a plan built with detailed verbosity."""
-    from javisrt.runtime.backends.tensorrt import import_tensorrt, make_logger
+    from javisrt.export.tensorrt_api import import_tensorrt, make_logger
 
     import_tensorrt()
     import tensorrt as trt

@@ -168,7 +168,7 @@ def register_all() -> None:
     """Register every AOT plugin with TensorRT's plugin registry (idempotent)."""
     if _registered:
         return
-    from javisrt.runtime.backends.tensorrt import import_tensorrt
+    from javisrt.export.tensorrt_api import import_tensorrt
 
     trt = import_tensorrt()
     import tensorrt.plugin as trtp

@@ -27,6 +27,8 @@ from typing import Any
 
 from javisrt.engine.config import GenerationMode
 from javisrt.engine.errors import ConfigError, JavisError, UnavailableError
+from javisrt.runtime.backends import ENGINES
+from javisrt.runtime.sampling import Solver
 
 log = logging.getLogger("javisrt")
 
@@ -115,12 +117,28 @@ class ProgressBars:
 # ---- argument parsing -----------------------------------------------------------------------------------
 def _add_weights(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("weights (local directories; nothing is downloaded)")
-    g.add_argument("--checkpoint", help="DiT: official JavisDiT++ dir (model/ [+ lora/]), a Wan2.1 dir or a javisrt file")
+    g.add_argument(
+        "--checkpoint",
+        help="DiT for --backend torch: official JavisDiT++ dir (model/ [+ lora/]), a Wan2.1 dir or a javisrt file",
+    )
     g.add_argument("--wan-dir", help="Wan2.1 dir: vae/, text_encoder/, tokenizer/ (diffusers layout) or the original .pth files")
     g.add_argument("--audioldm2-dir", help="AudioLDM2 dir: vae/, vocoder/")
     g.add_argument("--config", help="network preset when the checkpoint does not say (e.g. javisdit-v1.0)")
     g.add_argument("--device", default="cpu", help="torch device for every component (default: cpu)")
-    g.add_argument("--engine-file", help="compiled DiT for --backend onnxruntime (.onnx) or tensorrt (.plan)")
+
+
+def _add_engine(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("DiT engine")
+    g.add_argument(
+        "--backend", choices=ENGINES, default="torch",
+        help="torch: the eager network from --checkpoint (every mode); onnxruntime / tensorrt: the compiled "
+        "--engine-file, whose metadata gives the network and the one mode it was exported for (default: torch)",
+    )  # fmt: skip
+    g.add_argument(
+        "--engine-file",
+        help="compiled DiT for --backend onnxruntime (.onnx from `javisrt export`) or tensorrt (.plan from `javisrt build`)",
+    )
+    g.add_argument("--ops", default="torch", help="op set of the torch engine: torch (any device) or triton (CUDA)")
 
 
 def _add_request(p: argparse.ArgumentParser, *, frames: int, steps: int, seed: int) -> None:
@@ -134,9 +152,17 @@ def _add_request(p: argparse.ArgumentParser, *, frames: int, steps: int, seed: i
     g.add_argument("--guidance", type=float, default=5.0, help="CFG scale, both modalities (default 5.0)")
     g.add_argument("--audio-guidance", type=float, help="CFG scale for audio (default: --guidance)")
     g.add_argument("--seed", type=int, default=seed, help=f"noise seed; prompt i of a file uses seed + i (default {seed})")
-    g.add_argument("--mode", choices=[m.value for m in GenerationMode], default="t2av")
+    g.add_argument("--mode", choices=[m.value for m in GenerationMode], default="t2av", help="what to generate (default t2av)")
     g.add_argument("--negative-prompt", help="unconditional text (default: the released negative prompt)")
-    g.add_argument("--backend", default="torch", help="DiT backend: torch, torch-engine, onnxruntime, tensorrt")
+    _add_solver(g)
+
+
+def _add_solver(g: Any) -> None:
+    g.add_argument(
+        "--solver", choices=[s.value for s in Solver],
+        help="sampling loop: euler (JavisDiT++'s released rflow sampler) or unipc (Wan2.1's flow UniPC); "
+        "default: the model's own (euler for JavisDiT++, unipc for the Wan2.1 T2V preset)",
+    )  # fmt: skip
 
 
 def _add_output(p: argparse.ArgumentParser) -> None:
@@ -155,9 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=42, help="noise seed (default 42)")
     demo.add_argument("--steps", type=int, help="sampling steps (default: 20 tiny, 50 with real weights)")
     demo.add_argument("--frames", type=int, help="frames, 4n+1 in 33..81 (default: 33 tiny, 65 with real weights)")
-    demo.add_argument("--mode", choices=[m.value for m in GenerationMode], default="t2av")
-    demo.add_argument("--backend", default="torch", help="DiT backend: torch, torch-engine, onnxruntime, tensorrt")
+    demo.add_argument("--mode", choices=[m.value for m in GenerationMode], default="t2av", help="what to generate (default t2av)")
+    _add_solver(demo)
     _add_weights(demo)
+    _add_engine(demo)
     _add_output(demo)
     demo.set_defaults(func=cmd_demo)
 
@@ -170,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--skip-existing", action="store_true", help="skip prompts whose MP4 already exists")
     gen.add_argument("--tiny", action="store_true", help="use the tiny random-weight pipeline (no weights needed)")
     _add_weights(gen)
+    _add_engine(gen)
     _add_request(gen, frames=65, steps=50, seed=42)
     _add_output(gen)
     gen.set_defaults(func=cmd_generate)
@@ -212,29 +240,26 @@ def generation_config(args: argparse.Namespace) -> Any:
         seed=args.seed,
         mode=args.mode,
         negative_prompt=NEGATIVE_PROMPT if args.negative_prompt is None else args.negative_prompt,
+        solver=args.solver,
     )
-
-
-def backend_options(args: argparse.Namespace) -> dict[str, Any]:
-    """``--engine-file`` as the option its backend expects."""
-    if args.engine_file is None:
-        return {}
-    key = {"onnxruntime": "onnx_path", "tensorrt": "plan_path"}.get(args.backend)
-    if key is None:
-        raise ConfigError(f"--engine-file is for --backend onnxruntime or tensorrt, not {args.backend!r}")
-    return {key: args.engine_file}
 
 
 def _load_pipeline(args: argparse.Namespace, tiny: bool) -> Any:
     from javisrt.runtime.demo import build_tiny_pipeline
     from javisrt.runtime.pipeline import JavisPipeline
 
+    if args.backend == "torch" and args.engine_file:
+        raise ConfigError("--engine-file is for --backend onnxruntime or tensorrt; the torch engine runs --checkpoint")
+    if args.backend != "torch" and args.checkpoint:
+        raise ConfigError(f"--backend {args.backend} runs --engine-file, which carries its weights; drop --checkpoint")
     if tiny:
         if args.checkpoint or args.wan_dir or args.audioldm2_dir:
             raise ConfigError("--tiny uses random weights; do not combine it with --checkpoint/--wan-dir/--audioldm2-dir")
-        return build_tiny_pipeline(backend=args.backend, backend_options=backend_options(args))
-    if not args.checkpoint or not args.wan_dir:
-        raise ConfigError("real weights need --checkpoint and --wan-dir (and --audioldm2-dir for audio); or use --tiny")
+        return build_tiny_pipeline(backend=args.backend, engine_file=args.engine_file, ops=args.ops, device=args.device)
+    if args.backend == "torch" and not args.checkpoint:
+        raise ConfigError("real weights need --checkpoint (or --engine-file with a compiled backend), or use --tiny")
+    if not args.wan_dir:
+        raise ConfigError("real weights need --wan-dir (and --audioldm2-dir for audio); or use --tiny")
     return JavisPipeline.from_pretrained(
         args.checkpoint,
         args.wan_dir,
@@ -242,7 +267,8 @@ def _load_pipeline(args: argparse.Namespace, tiny: bool) -> Any:
         config=args.config,
         device=args.device,
         backend=args.backend,
-        backend_options=backend_options(args),
+        engine_file=args.engine_file,
+        ops=args.ops,
     )
 
 
@@ -281,14 +307,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from javisrt.runtime.demo import DEMO_PROMPT, demo_config, run_demo
     from javisrt.runtime.pipeline import GenerationConfig
 
-    real = bool(args.checkpoint or args.wan_dir or args.audioldm2_dir)
+    real = bool(args.checkpoint or args.wan_dir or args.audioldm2_dir or (args.engine_file and args.wan_dir))
     given = {k: v for k, v in (("steps", args.steps), ("num_frames", args.frames)) if v is not None}
     if real:  # the released defaults (240p 9:16, 65 frames, 50 steps) unless overridden
         pipe = _load_pipeline(args, tiny=False)
-        config = GenerationConfig(seed=args.seed, mode=args.mode, **given)
+        config = GenerationConfig(seed=args.seed, mode=args.mode, solver=args.solver, **given)
     else:
         pipe = _load_pipeline(args, tiny=True)
-        config = demo_config(seed=args.seed, mode=args.mode, **given)
+        config = demo_config(seed=args.seed, mode=args.mode, solver=args.solver, **given)
     bars = ProgressBars(args.quiet, label="demo")
     try:
         report = run_demo(args.out, pipeline=pipe, config=config, prompt=args.prompt or DEMO_PROMPT, progress=bars)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from javisrt.engine.errors import CheckpointError, ShapeError
-from javisrt.runtime.latents import AUDIO_SCALING_FACTOR, VIDEO_LATENT_MEAN, VIDEO_LATENT_STD
+from javisrt.engine.latents import AUDIO_SCALING_FACTOR, VIDEO_LATENT_MEAN, VIDEO_LATENT_STD
 
 log = logging.getLogger(__name__)
 

@@ -28,9 +28,10 @@ import torch
 
 from javisrt.engine.config import JavisConfig
 from javisrt.engine.model import JavisDiT, random_model
+from javisrt.runtime.backends import create_engine
 from javisrt.runtime import sampling
 from javisrt.runtime.decode import AudioDecoder, VideoDecoder
-from javisrt.runtime.latents import (
+from javisrt.engine.latents import (
     AUDIO_LATENT_CHANNELS,
     AUDIO_SCALING_FACTOR,
     MEL_BINS,
@@ -201,21 +202,30 @@ class DemoReport:
 
 
 def build_tiny_pipeline(
-    seed: int = 0, backend: str = "torch", backend_options: dict[str, Any] | None = None
+    seed: int = 0,
+    backend: str = "torch",
+    engine_file: str | Path | None = None,
+    *,
+    ops: str = "torch",
+    device: torch.device | str = "cpu",
 ) -> JavisPipeline:
-    """The whole pipeline on the ``tiny`` preset with seeded random components (no files read)."""
-    dit = tiny_dit(seed)
+    """The whole pipeline on the ``tiny`` preset with seeded random components (no files read, except
+    ``engine_file``: a compiled tiny DiT for the onnxruntime / tensorrt engines, whose metadata then
+    gives the network config; the torch engine runs :func:`tiny_dit`)."""
+    if backend == "torch":
+        engine = create_engine("torch", model=tiny_dit(seed), engine_file=engine_file, ops=ops, device=device)
+    else:
+        engine = create_engine(backend, engine_file=engine_file, ops=ops, device=device)
+    cfg = engine.contract.config
     text = TextEncoder(
-        tiny_tokenizer(dit.cfg.text_len),
-        tiny_umt5(seed + 1, d_model=dit.cfg.text_dim),
+        tiny_tokenizer(cfg.text_len),
+        tiny_umt5(seed + 1, d_model=cfg.text_dim),
         identity=f"tiny-umt5:seed={seed + 1}",
-        text_len=dit.cfg.text_len,
+        text_len=cfg.text_len,
     )
     video = VideoDecoder(tiny_video_vae(seed + 2))
-    audio = AudioDecoder(tiny_audio_vae(seed + 3), tiny_vocoder(seed + 4))
-    return JavisPipeline(
-        dit, text, video, audio, backend=backend, backend_options=backend_options, name=f"tiny (random, seed {seed})"
-    )
+    audio = AudioDecoder(tiny_audio_vae(seed + 3), tiny_vocoder(seed + 4)) if cfg.has_audio else None
+    return JavisPipeline(engine, text, video, audio, device=device, name=f"tiny (random, seed {seed})")
 
 
 def demo_config(**overrides: Any) -> GenerationConfig:

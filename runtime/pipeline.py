@@ -1,11 +1,12 @@
 """``JavisPipeline``: prompt -> frames + waveform -> MP4. It only wires the runtime modules together:
 
-    text.py     TextEncoder      prompt + negative prompt -> [2, text_len, text_dim] (cached)
-    latents.py  latent_geometry  shapes; draw_noise: seeded bf16 noise, video then audio
-    sampling.py sample           the C++ loop (javisrt._sampler) calling back into ...
-    backends/   PipelineBackend  ... the DiT on the [cond; uncond] batch
-    decode.py   Video/AudioDecoder  Wan VAE; AudioLDM2 VAE + HiFi-GAN
-    media.py    write_mp4        H.264 16 fps + AAC 16 kHz, atomic
+    text.py             TextEncoder      prompt + negative prompt -> [2, text_len, text_dim] (cached)
+    engine/latents.py   latent_geometry  shapes; draw_noise: seeded bf16 noise, video then audio
+    sampling.py         sample           the C++ loop (javisrt._sampler) calling back into ...
+    denoise_session.py  DenoiseSession   ... an Engine (backends/: torch | onnxruntime | tensorrt)
+                                         running the DiT on the [cond; uncond] batch
+    decode.py           Video/AudioDecoder  Wan VAE; AudioLDM2 VAE + HiFi-GAN
+    media.py            write_mp4        H.264 16 fps + AAC 16 kHz, atomic
 
 A request is a frozen :class:`GenerationConfig`; the CLI builds it from flags, library code never
 reads argv or the environment.
@@ -25,14 +26,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from javisrt.engine.checkpoint import load_model
 from javisrt.engine.config import GenerationMode, JavisConfig
 from javisrt.engine.errors import CheckpointError, ConfigError, JavisError
-from javisrt.engine.model import JavisDiT, Numerics
+from javisrt.engine.model import Numerics
 from javisrt.runtime import sampling
-from javisrt.runtime.backends import PipelineBackend, create_backend
+from javisrt.runtime.backends import create_engine
 from javisrt.runtime.decode import AudioDecoder, VideoDecoder
-from javisrt.runtime.latents import (
+from javisrt.runtime.denoise_session import DenoiseSession
+from javisrt.runtime.engine import Engine
+from javisrt.engine.latents import (
     FPS,
     MAX_FRAMES,
     MIN_FRAMES,
@@ -60,7 +62,9 @@ class GenerationCancelled(JavisError):
 class GenerationConfig:
     """One request. Size: a bucket (``resolution`` + ``aspect_ratio``, latents.py) unless both
     ``height`` and ``width`` are given. ``guidance``: one CFG scale for both modalities or a
-    (video, audio) pair (released: 5.0 for both). Defaults are the released sampler (§6.1)."""
+    (video, audio) pair (released: 5.0 for both). Defaults are the released sampler (§6.1).
+    ``solver``: ``"euler"`` (the released JavisDiT++ rflow sampler, shift from the bucket) or
+    ``"unipc"`` (Wan2.1 T2V's flow UniPC, shift 5.0); None takes the model's own (:func:`default_solver`)."""
 
     num_frames: int = 65
     resolution: str = "240p"
@@ -72,6 +76,7 @@ class GenerationConfig:
     seed: int = 42
     mode: GenerationMode | str = GenerationMode.T2AV
     negative_prompt: str = NEGATIVE_PROMPT
+    solver: sampling.Solver | str | None = None
     min_frames: int = MIN_FRAMES
     max_frames: int = MAX_FRAMES
 
@@ -99,6 +104,12 @@ class GenerationConfig:
             raise ConfigError(f"seed must be an int in [0, 2^63), got {self.seed!r}")
         if not isinstance(self.negative_prompt, str):
             raise ConfigError("negative_prompt must be a string")
+        if self.solver is not None:
+            try:
+                set_(self, "solver", sampling.Solver(self.solver))
+            except ValueError:
+                known = [s.value for s in sampling.Solver]
+                raise ConfigError(f"unknown solver {self.solver!r}; known: {known}") from None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -121,6 +132,21 @@ class GenerationConfig:
             self.num_frames, h, w, self.mode, min_frames=self.min_frames, max_frames=self.max_frames
         )
 
+    def sampler_config(self, cfg: JavisConfig, guidance: tuple[float, ...]) -> sampling.SamplerConfig:
+        """The sampling loop's config for this request on the network ``cfg`` (``guidance``: one scale
+        per generated modality, video first)."""
+        solver = default_solver(cfg) if self.solver is None else sampling.Solver(self.solver)
+        if solver is sampling.Solver.UNIPC:
+            return sampling.SamplerConfig.wan_unipc(self.steps, guidance=guidance)
+        h, w = self.size
+        return sampling.SamplerConfig.rflow(h, w, self.num_frames, self.steps, guidance)
+
+
+def default_solver(cfg: JavisConfig) -> sampling.Solver:
+    """The sampler each released model ships with: the rflow Euler loop for JavisDiT++ (model-spec
+    §6.1), flow UniPC for the Wan2.1 T2V network (§6.2)."""
+    return sampling.Solver.UNIPC if cfg.model_type is GenerationMode.T2V else sampling.Solver.EULER
+
 
 @dataclass
 class GenerationResult:
@@ -132,7 +158,8 @@ class GenerationResult:
     config: GenerationConfig
     fps: int = FPS
     sample_rate: int = SAMPLE_RATE
-    sampler: str = ""
+    sampler: str = ""  # "cpp" or "python": which sampling loop ran
+    solver: str = ""  # "euler" or "unipc"
     timings: dict[str, float] = field(default_factory=dict)  # text_s, denoise_s, video_/audio_decode_s, decode_s
     step_times_s: tuple[float, ...] = ()  # wall time of each denoising step (the sampler's own timing)
 
@@ -143,41 +170,43 @@ class GenerationResult:
 
 class JavisPipeline:
     """Text -> sounding video. Build with :meth:`from_pretrained` (local weights) or
-    :func:`javisrt.runtime.demo.build_tiny_pipeline` (random tiny weights); call with a prompt."""
+    :func:`javisrt.runtime.demo.build_tiny_pipeline` (random tiny weights); call with a prompt.
+
+    ``engine``: the DiT executor (:func:`~javisrt.runtime.backends.create_engine`); the network config
+    comes from its contract. A torch engine serves every mode of its network; a compiled engine only
+    the mode its graph was exported for (other modes are refused by :meth:`check`).
+    """
 
     def __init__(
         self,
-        dit: JavisDiT,
+        engine: Engine,
         text_encoder: TextEncoder,
         video_decoder: VideoDecoder | None,
         audio_decoder: AudioDecoder | None,
         *,
-        backend: str = "torch",
-        backend_options: Mapping[str, Any] | None = None,
         device: torch.device | str = "cpu",
         name: str = "",
     ) -> None:
-        self.cfg: JavisConfig = dit.cfg
+        self.cfg: JavisConfig = engine.contract.config
         if text_encoder.dim != self.cfg.text_dim:
             raise ConfigError(
                 f"text encoder width {text_encoder.dim} != the DiT's text_dim {self.cfg.text_dim} ({self.cfg.name})"
             )
         if text_encoder.text_len > self.cfg.text_len:
             raise ConfigError(f"text encoder pads to {text_encoder.text_len} > the DiT's text_len {self.cfg.text_len}")
-        self.dit = dit
+        self.engine = engine
         self.text_encoder = text_encoder
         self.video_decoder = video_decoder
         self.audio_decoder = audio_decoder
         self.device = torch.device(device)
         self.name = name or self.cfg.name
-        self.engine: PipelineBackend = create_backend(backend, dit, device=self.device, **dict(backend_options or {}))
-        self.backend = backend
+        self._mode_engines: dict[GenerationMode, Engine] = {engine.contract.mode: engine}
 
     # ---- construction ------------------------------------------------------------------------
     @classmethod
     def from_pretrained(
         cls,
-        checkpoint: str | os.PathLike[str],
+        checkpoint: str | os.PathLike[str] | None,
         wan_dir: str | os.PathLike[str],
         audioldm2_dir: str | os.PathLike[str] | None = None,
         *,
@@ -187,32 +216,51 @@ class JavisPipeline:
         decoder_dtype: torch.dtype = torch.float32,
         text_dtype: torch.dtype = torch.bfloat16,
         backend: str = "torch",
-        backend_options: Mapping[str, Any] | None = None,
+        engine_file: str | os.PathLike[str] | None = None,
+        ops: str = "torch",
         text_cache: PromptCache | None = None,
     ) -> JavisPipeline:
         """Load everything from local directories (no hub):
 
-        ``checkpoint``: the DiT (official ``model/`` [+ ``lora/``] dir, a Wan2.1 dir, or a javisrt
-        file — see engine/checkpoint.py); ``wan_dir``: Wan2.1 with the video VAE, umT5 encoder and
-        tokenizer; ``audioldm2_dir``: ``vae/`` + ``vocoder/`` (not needed for a t2v checkpoint).
+        ``checkpoint``: the DiT for the torch engine (official ``model/`` [+ ``lora/``] dir, a Wan2.1
+        dir, or a javisrt file — see engine/checkpoint.py); ``engine_file``: the compiled DiT for the
+        onnxruntime / tensorrt engines instead (its metadata carries the network config);
+        ``wan_dir``: Wan2.1 with the video VAE, umT5 encoder and tokenizer; ``audioldm2_dir``:
+        ``vae/`` + ``vocoder/`` (not needed for a t2v network).
         """
-        for what, path in (("checkpoint", checkpoint), ("Wan2.1 directory", wan_dir)):
-            if not Path(path).exists():
+        for what, path in (("checkpoint", checkpoint), ("engine file", engine_file), ("Wan2.1 directory", wan_dir)):
+            if path is not None and not Path(path).exists():
                 raise CheckpointError(f"{what} not found: {path}")
-        dit = load_model(checkpoint, config=config, numerics=numerics, device=device)
-        text = TextEncoder.from_pretrained(
-            wan_dir, dtype=text_dtype, device=device, text_len=dit.cfg.text_len, cache=text_cache
-        )
+        engine = create_engine(
+            backend, checkpoint=checkpoint, config=config if backend == "torch" else None, engine_file=engine_file,
+            numerics=numerics if backend == "torch" else None, device=device, ops=ops,
+        )  # fmt: skip
+        cfg = engine.contract.config
+        text = TextEncoder.from_pretrained(wan_dir, dtype=text_dtype, device=device, text_len=cfg.text_len, cache=text_cache)
         video = VideoDecoder.from_pretrained(wan_dir, device=device, dtype=decoder_dtype)
         audio = None
-        if dit.cfg.has_audio:
+        if cfg.has_audio:
             if audioldm2_dir is None:
-                raise CheckpointError(f"{checkpoint} has an audio branch: pass the AudioLDM2 directory (vae/, vocoder/)")
+                where = checkpoint if checkpoint is not None else engine_file
+                raise CheckpointError(f"{where} has an audio branch: pass the AudioLDM2 directory (vae/, vocoder/)")
             audio = AudioDecoder.from_pretrained(audioldm2_dir, device=device, dtype=decoder_dtype)
-        return cls(
-            dit, text, video, audio, backend=backend, backend_options=backend_options, device=device,
-            name=str(checkpoint),
-        )  # fmt: skip
+        return cls(engine, text, video, audio, device=device, name=str(checkpoint or engine_file))
+
+    def engine_for(self, mode: GenerationMode | str) -> Engine:
+        """The engine generating ``mode``: the torch engine serves every mode of its network (one
+        contract per mode on the same model); a compiled engine only the mode it was exported for."""
+        mode = GenerationMode(mode)
+        engine = self._mode_engines.get(mode)
+        if engine is None:
+            for_mode = getattr(self.engine, "for_mode", None)
+            if for_mode is None:
+                raise ConfigError(
+                    f"the {self.engine.name} engine's graph was exported for mode {self.engine.contract.mode.value}; "
+                    f"mode {mode.value} needs a graph exported for it (`javisrt export --mode {mode.value}`) "
+                    "or the torch engine"
+                )
+            engine = self._mode_engines[mode] = for_mode(mode)
+        return engine
 
     # ---- checks ----------------------------------------------------------------------------------
     def check(self, config: GenerationConfig) -> LatentGeometry:
@@ -227,6 +275,7 @@ class JavisPipeline:
             raise ConfigError(f"mode {mode.value} needs the video VAE, which this pipeline was built without")
         if mode is not GenerationMode.T2V and self.audio_decoder is None:
             raise ConfigError(f"mode {mode.value} needs the audio VAE + vocoder, which this pipeline was built without")
+        self.engine_for(mode)
         return config.geometry()
 
     # ---- generation ------------------------------------------------------------------------------
@@ -252,37 +301,29 @@ class JavisPipeline:
         t0 = time.perf_counter()
         report("text", 0, 1)
         emb = self.text_encoder.encode([prompt, config.negative_prompt])
-        context = emb.context * emb.mask.unsqueeze(-1).to(emb.context.dtype)
         report("text", 1, 1)
         timings["text_s"] = time.perf_counter() - t0
 
         # 2. noise, video first then audio (§6.1)
         video0, audio0 = draw_noise(geo, config.seed, batch=1, device=self.device)
-        latents = [x.cpu().numpy() for x in (video0, audio0) if x is not None]
-        names = [n for n, x in (("video", video0), ("audio", audio0)) if x is not None]
-        guidance = tuple(
-            g for g, x in ((config.video_guidance, video0), (config.audio_guidance, audio0)) if x is not None
-        )
+        noise = {name: x for name, x in (("video", video0), ("audio", audio0)) if x is not None}
+        latents = [x.float().cpu().numpy() for x in noise.values()]
+        guidance = tuple(g for g, name in ((config.video_guidance, "video"), (config.audio_guidance, "audio")) if name in noise)
 
         # 3. the sampling loop (C++ when built), calling the engine on the CFG batch
-        h, w = config.size
-        sampler_cfg = sampling.SamplerConfig.rflow(h, w, config.num_frames, config.steps, guidance)
-        timestep_frames = geo.video_latent_frames if mode is GenerationMode.T2A else None
-        ctx = context.to(self.device)
-
-        def denoiser(inputs: list[np.ndarray], timesteps: np.ndarray) -> list[np.ndarray]:
-            feed = {name: torch.tensor(x, device=self.device) for name, x in zip(names, inputs)}
-            feed["timestep"] = torch.tensor(timesteps, device=self.device)
-            feed["context"] = ctx
-            out = self.engine.infer(feed, video_latent_frames=timestep_frames)
-            return [np.ascontiguousarray(out[f"{n}_velocity"].float().cpu().numpy()) for n in names]
+        sampler_cfg = config.sampler_config(self.cfg, guidance)
+        session = DenoiseSession(
+            self.engine_for(mode), emb.context, {k: v.shape for k, v in noise.items()},
+            mask=emb.mask, video_frames=geo.video_latent_frames,
+        )  # fmt: skip
+        names = session.latent_names
 
         def on_step(done: int, total: int, t: float, seconds: float) -> None:
             report("denoise", done, total)
 
         t0 = time.perf_counter()
         report("denoise", 0, config.steps)
-        result = sampling.sample(latents, denoiser, sampler_cfg, on_step, cancel)
+        result = sampling.sample(latents, session.host_denoiser(), sampler_cfg, on_step, cancel)
         timings["denoise_s"] = time.perf_counter() - t0
         if result.cancelled:
             raise GenerationCancelled(f"cancelled after {result.steps_done} of {config.steps} steps")
@@ -305,8 +346,9 @@ class JavisPipeline:
         timings["decode_s"] = time.perf_counter() - t0
         timings["audio_decode_s"] = timings["decode_s"] - timings["video_decode_s"]
         log.info(
-            "generated %s: %d steps (%s loop) in %.2f s, decode %.2f s",
-            mode.value, result.steps_done, sampling.backend(), timings["denoise_s"], timings["decode_s"],
+            "generated %s: %d %s steps (%s loop, %s engine) in %.2f s, decode %.2f s",
+            mode.value, result.steps_done, sampler_cfg.solver.value, sampling.backend(), session.engine.name,
+            timings["denoise_s"], timings["decode_s"],
         )  # fmt: skip
         return GenerationResult(
             frames=frames,
@@ -314,6 +356,7 @@ class JavisPipeline:
             prompt=prompt,
             config=config,
             sampler=sampling.backend(),
+            solver=sampler_cfg.solver.value,
             timings=timings,
             step_times_s=tuple(result.step_times_s),
         )

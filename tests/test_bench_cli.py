@@ -36,16 +36,16 @@ def test_torch_run_with_exports(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 def test_compare_torch_vs_onnxruntime(capsys: pytest.CaptureFixture[str]) -> None:
     """ORT runs the model's exported graph; the interleaved pair gives a ratio."""
-    assert cli.main([*TINY, "--iterations", "3", "--backend", "torch", "--compare", "ort"]) == 0
+    assert cli.main([*TINY, "--iterations", "3", "--backend", "torch", "--compare", "onnxruntime"]) == 0
     out = capsys.readouterr().out
-    assert "##### backend torch" in out and "##### backend ort" in out
-    m = re.search(r"=== Compare: ort / torch latency, (\d+) interleaved pairs: median of per-pair ratios ([\d.e+-]+)", out)
+    assert "##### backend torch" in out and "##### backend onnxruntime" in out
+    m = re.search(r"=== Compare: onnxruntime / torch latency, (\d+) interleaved pairs: median of per-pair ratios ([\d.e+-]+)", out)
     assert m is not None and int(m.group(1)) == 3 and float(m.group(2)) > 0
 
 
 def test_onnxruntime_profile(tmp_path: Path) -> None:
     """--exportProfile on ORT: per-node kernel times from a profiled session, trtexec's layout."""
-    assert cli.main([*TINY, "--iterations", "2", "--backend", "ort", "--exportProfile", str(tmp_path / "p.json")]) == 0
+    assert cli.main([*TINY, "--iterations", "2", "--backend", "onnxruntime", "--exportProfile", str(tmp_path / "p.json")]) == 0
     profile = json.loads((tmp_path / "p.json").read_text())
     assert profile[0] == {"count": 2}
     names = [row["name"] for row in profile[1:]]
@@ -66,8 +66,11 @@ def test_pipeline_stages(capsys: pytest.CaptureFixture[str]) -> None:
         (["--percentile", "90,x"], "--percentile"),
         (["--percentile", "120"], r"\[0, 100\]"),
         (["--resolution", "240p"], "not both"),
-        (["--backend", "trt", "--engine", "x.plan"], "CUDA GPU"),
-        (["--backend", "trt", "--engine", "x.plan", "--exportProfile", "p.json"], "IProfiler"),
+        (["--backend", "tensorrt", "--engine-file", "x.plan"], "CUDA GPU"),
+        (["--backend", "tensorrt", "--engine-file", "x.plan", "--exportProfile", "p.json"], "IProfiler"),
+        (["--backend", "torch", "--engine-file", "x.onnx"], "--engine-file is for"),
+        (["--useCudaGraph"], "needs a CUDA device"),
+        (["--backend", "onnxruntime", "--useCudaGraph"], "needs a CUDA device"),
         (["--iterations", "0"], "iterations"),
     ],
 )

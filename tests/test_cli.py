@@ -92,9 +92,11 @@ def _write_t2v_weights(root: Path) -> tuple[Path, Path]:
         (["--tiny", "--prompt", "x", "--aspect-ratio", "7:3"], "unknown aspect ratio"),
         (["--tiny", "--prompt", ""], "prompt 0 is empty"),
         (["--prompt", "x", "--checkpoint", "/nonexistent/ckpt", "--wan-dir", "/nonexistent/wan"], "not found"),
-        (["--prompt", "x"], "need --checkpoint and --wan-dir"),
+        (["--prompt", "x"], "need --checkpoint"),
+        (["--prompt", "x", "--checkpoint", "{t2v}"], "need --wan-dir"),
+        (["--tiny", "--prompt", "x", "--backend", "onnxruntime"], "needs engine_file"),
+        (["--prompt", "x", "--backend", "onnxruntime", "--engine-file", "d.onnx", "--checkpoint", "c"], "drop --checkpoint"),
         (["--tiny", "--prompt-file", "/nonexistent/prompts.csv"], "prompt file not found"),
-        (["--tiny", "--prompt", "x", "--backend", "warp-drive"], "unknown backend"),
         (["--tiny", "--prompt", "x", "--engine-file", "dit.onnx"], "--engine-file is for --backend onnxruntime"),
         (["--tiny", "--prompt", "x", "--output-dir", "{blocker}/sub"], "cannot create output directory"),
         (["--tiny", "--prompt", "x", "--mode", "t2av", "--checkpoint", "{t2v}", "--wan-dir", "{wan}"], "t2v model"),
@@ -117,6 +119,17 @@ def test_generate_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str], arg
     assert "ERROR" in err and err.count("\n") <= 3, err  # one clear line, no traceback
     assert re.search(message, err), err
     assert not out.exists() or list(out.iterdir()) == []  # nothing written
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--backend", "warp-drive"), ("--backend", "ort"), ("--solver", "ddim")]
+)
+def test_engine_and_solver_vocabulary(flag: str, value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """One vocabulary: --backend torch|onnxruntime|tensorrt and --solver euler|unipc, checked by argparse."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["generate", "--tiny", "--prompt", "x", flag, value])
+    assert exc.value.code == 2
+    assert f"invalid choice: '{value}'" in capsys.readouterr().err
 
 
 def test_subsystem_subcommands_are_registered(monkeypatch: pytest.MonkeyPatch) -> None:

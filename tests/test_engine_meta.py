@@ -136,17 +136,20 @@ def test_stripped_engine_skips_the_checkpoint_check(tmp_path: Path, contract: Di
         em.load_checked(path2, _expected(contract))
 
 
-def test_tensorrt_backend_checks_before_tensorrt(plan_file: Path, contract: DiTContract) -> None:
-    """Without TensorRT the backend stops at the import, with a reason; with it (GPU machines) the
-    metadata check runs before deserialization."""
-    from javisrt.runtime.backends.tensorrt import TensorRTBackend, import_tensorrt
+def test_tensorrt_engine_checks_before_tensorrt(plan_file: Path, contract: DiTContract) -> None:
+    """The engine takes its contract from the plan's sidecar; without TensorRT it stops at the import,
+    with a reason; with it (GPU machines) the metadata check runs before deserialization."""
+    from javisrt.export.tensorrt_api import import_tensorrt
+    from javisrt.runtime.backends.tensorrt_engine import TensorRTEngine
 
+    engine = TensorRTEngine(plan_file)
+    assert engine.contract == contract
     try:
         import_tensorrt()
     except UnavailableError as exc:
         assert "TensorRT" in str(exc)
         with pytest.raises(UnavailableError):
-            TensorRTBackend(contract, plan_file).load()
+            engine.load()
     else:  # pragma: no cover - GPU machines
         pytest.skip("TensorRT present: covered by the tensorrt-marked tests")
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from javisrt.engine.errors import ConfigError
-from javisrt.runtime.latents import (
+from javisrt.engine.latents import (
     SAMPLE_RATE,
     bucket_size,
     check_num_frames,

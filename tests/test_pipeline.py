@@ -18,6 +18,8 @@ from safetensors.torch import save_file
 
 from javisrt.engine.config import JavisConfig
 from javisrt.engine.errors import CheckpointError, ConfigError
+from javisrt.runtime import sampling
+from javisrt.runtime.backends import create_engine
 from javisrt.runtime.decode import VideoDecoder, load_wan_vae
 from javisrt.runtime.demo import build_tiny_pipeline, seeded, tiny_dit
 from javisrt.runtime.media import probe_mp4
@@ -121,33 +123,76 @@ def test_bad_requests(pipe: JavisPipeline, prompt: str, overrides: dict, match: 
     assert pipe.text_encoder.encoder_calls == calls  # rejected before any work
 
 
+def _t2v_pipeline(pipe: JavisPipeline) -> JavisPipeline:
+    engine = create_engine("torch", model=tiny_dit(0, JavisConfig.from_name("tiny", model_type="t2v")))
+    return JavisPipeline(engine, pipe.text_encoder, pipe.video_decoder, None)
+
+
 def test_mode_checkpoint_mismatch(pipe: JavisPipeline) -> None:
-    t2v = JavisPipeline(
-        tiny_dit(0, JavisConfig.from_name("tiny", model_type="t2v")),
-        pipe.text_encoder,
-        pipe.video_decoder,
-        None,
-    )
+    t2v = _t2v_pipeline(pipe)
     with pytest.raises(ConfigError, match="t2av needs an audio branch.*t2v model"):
         t2v(PROMPT, REQUEST)
     with pytest.raises(ConfigError, match="t2a needs an audio branch"):
         t2v(PROMPT, REQUEST, mode="t2a")
 
 
-def test_unknown_backend(pipe: JavisPipeline) -> None:
-    with pytest.raises(ConfigError, match="unknown backend 'warp-drive'"):
-        JavisPipeline(pipe.dit, pipe.text_encoder, pipe.video_decoder, pipe.audio_decoder, backend="warp-drive")
+def test_unknown_backend() -> None:
+    with pytest.raises(ConfigError, match="unknown engine 'warp-drive'"):
+        build_tiny_pipeline(backend="warp-drive")
 
 
-def test_engine_interface_backend(pipe: JavisPipeline, reference: GenerationResult) -> None:
-    """The contract Engine (runtime/engine.py) behind the same seam gives the same sample."""
-    pytest.importorskip("javisrt.runtime.engine")
-    engine_pipe = JavisPipeline(
-        pipe.dit, pipe.text_encoder, pipe.video_decoder, pipe.audio_decoder, backend="torch-engine"
-    )
-    result = engine_pipe(PROMPT, REQUEST)
-    assert np.array_equal(result.frames, reference.frames)
-    assert np.array_equal(result.waveform, reference.waveform)
+@pytest.fixture(scope="module")
+def tiny_onnx(pipe: JavisPipeline, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from javisrt.export.contract import DiTContract
+    from javisrt.export.onnx import export_dit, save
+
+    model = pipe.engine.model  # type: ignore[attr-defined]
+    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    return save(export_dit(model, "native", "fp32", DiTContract.for_config(model.cfg)), path)
+
+
+def test_compiled_engine_pipeline(tiny_onnx: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The onnxruntime engine drives the whole pipeline without an eager DiT (its config comes from the
+    graph), and refuses a mode its graph was not exported for before any work."""
+    import javisrt.runtime.demo as demo
+
+    def no_eager_dit(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the compiled-engine pipeline built the eager DiT")
+
+    monkeypatch.setattr(demo, "tiny_dit", no_eager_dit)
+    ort_pipe = build_tiny_pipeline(backend="onnxruntime", engine_file=tiny_onnx)
+    assert ort_pipe.engine.name == "onnxruntime" and ort_pipe.cfg.name == "tiny"
+    result = ort_pipe(PROMPT, REQUEST)
+    assert result.frames is not None and result.frames.shape == (33, 32, 32, 3) and result.waveform is not None
+    calls = ort_pipe.text_encoder.encoder_calls
+    with pytest.raises(ConfigError, match="exported for mode t2av; mode t2a needs a graph exported for it"):
+        ort_pipe(PROMPT, REQUEST, mode="t2a")
+    assert ort_pipe.text_encoder.encoder_calls == calls
+
+
+def test_solver_choice_reaches_the_loop(pipe: JavisPipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GenerationConfig.solver (and the model's default) is the solver the C++ loop is handed."""
+    seen: list[sampling.SamplerConfig] = []
+    real = sampling._ext
+
+    class Spy:
+        def sample(self, latents, denoiser, config, progress, cancel):  # type: ignore[no-untyped-def]
+            seen.append(config)
+            return real.sample(latents, denoiser, config, progress, cancel)
+
+    assert real is not None, "the C++ sampler is not built"
+    monkeypatch.setattr(sampling, "_ext", Spy())
+    req = GenerationConfig(num_frames=33, height=16, width=16, steps=3, mode="t2v")
+    euler = pipe(PROMPT, req)
+    unipc = pipe(PROMPT, req, solver="unipc")
+    wan = _t2v_pipeline(pipe)(PROMPT, req)
+    assert [c.solver for c in seen] == [sampling.Solver.EULER, sampling.Solver.UNIPC, sampling.Solver.UNIPC]
+    assert seen[1] == sampling.SamplerConfig.wan_unipc(3, guidance=(5.0,))  # Wan2.1's shift 5.0
+    assert seen[0] == sampling.SamplerConfig.rflow(16, 16, 33, 3, (5.0,))
+    assert (euler.solver, unipc.solver, wan.solver) == ("euler", "unipc", "unipc")
+    assert not np.array_equal(euler.frames, unipc.frames)
+    with pytest.raises(ConfigError, match="unknown solver"):
+        GenerationConfig(solver="ddim")
 
 
 def test_cancel(pipe: JavisPipeline) -> None:
@@ -170,7 +215,7 @@ def write_official_layout(pipe: JavisPipeline, root: Path) -> tuple[Path, Path, 
     Wan2.1-T2V-1.3B-Diffusers (vae/, text_encoder/, tokenizer/), AudioLDM2 (vae/, vocoder/)."""
     ckpt, wan, audioldm2 = root / "JavisDiT-v1.0-jav", root / "Wan2.1-T2V-1.3B-Diffusers", root / "audioldm2"
     (ckpt / "model").mkdir(parents=True)
-    state = {k: v.contiguous() for k, v in pipe.dit.state_dict().items()}
+    state = {k: v.contiguous() for k, v in pipe.engine.model.state_dict().items()}  # type: ignore[attr-defined]
     keys = sorted(state)
     shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
     weight_map = {}

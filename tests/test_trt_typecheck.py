@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STUBS = "tensorrt-stubs==10.13.0.35.1"
 CACHE = ROOT / "build" / "trt-stubs"
 MODULES = ["export/trt_build.py", "export/trt_cli.py", "export/trt_plugins.py", "export/engine_meta.py",
-           "runtime/backends/tensorrt.py"]
+           "export/tensorrt_api.py", "runtime/backends/tensorrt_engine.py"]
 MYPY_INI = """[mypy]
 python_version = 3.11
 ignore_missing_imports = True

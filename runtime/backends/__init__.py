@@ -1,85 +1,105 @@
-"""javisrt.runtime.backends: the one seam where the DiT implementation is chosen.
+"""javisrt.runtime.backends: the one place an engine is chosen by name.
 
-Every backend implements the small :class:`PipelineBackend` protocol that the pipeline drives:
-``load``, ``allocate(shapes)``, ``infer(inputs) -> outputs``, ``unload``. It is the pipeline-facing
-face of the contract-level :class:`javisrt.runtime.engine.Engine` (RoPE tables as inputs, shape
-buckets, device buffers, the C++-loop hand-off): every backend but the eager ``torch`` one is a
-contract Engine wrapped by ``runtime/engine.py``'s ``PipelineEngine``. Tensor names follow the export
-contract (``export/contract.py``): inputs ``video`` [2B,16,T,H8,W8], ``audio`` [2B,8,Tm4,16],
-``timestep`` [2B], ``context`` [2B,text_len,text_dim] (zero-padded, masked positions zeroed);
-outputs ``video_velocity`` / ``audio_velocity`` (fp32, the RF velocity x0 - noise). A modality that
-is not generated is simply absent from both.
+:func:`create_engine` builds and loads one :class:`~javisrt.runtime.engine.Engine` implementation:
 
-Registered names:
-  ``torch``        eager :class:`~javisrt.engine.model.JavisDiT` (any mode, t2a included; the default)
-  ``torch-engine`` the contract Engine over the same model (``backends/torch_engine.py``: RoPE tables as
-                   inputs, optional CUDA graphs), through ``runtime/engine.py``'s ``PipelineEngine``
-  ``onnxruntime``  an exported graph (option ``onnx_path``), ``backends/onnxruntime.py``
-  ``tensorrt``     a serialized plan (option ``plan_path``, CUDA only), ``backends/tensorrt.py``
-The last three are imported on first use (their runtimes are optional) and run t2av / t2v graphs only.
+  ``torch``        :class:`~javisrt.runtime.backends.torch_engine.TorchEngine`: the eager DiT
+                   (``model=`` or ``checkpoint=``), op set ``ops`` (torch | triton), any generation mode
+  ``onnxruntime``  :class:`~javisrt.runtime.backends.onnxruntime_engine.OnnxRuntimeEngine`: an exported
+                   graph (``engine_file=`` .onnx); CPU, or the CUDA execution provider on a CUDA device
+  ``tensorrt``     :class:`~javisrt.runtime.backends.tensorrt_engine.TensorRTEngine`: a plan built by
+                   ``javisrt build`` (``engine_file=`` .plan), CUDA only
+
+Every command (``generate``, ``demo``, ``bench``, ``export``'s calibration, the GPU scripts) takes the
+same names and one flag for the compiled file (``--engine-file``). The compiled engines read their
+network config and contract (including the generation mode the graph was exported for) from the
+file's metadata: no eager model is built for them. Their runtimes are imported on first use.
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable, Mapping
-from typing import Any, Protocol, runtime_checkable
+import os
+from typing import Any
 
 import torch
 
+from javisrt.engine.config import GenerationMode, JavisConfig
 from javisrt.engine.errors import ConfigError, UnavailableError
-from javisrt.engine.model import JavisDiT
-from javisrt.runtime.backends.torch_backend import TorchEngine
+from javisrt.engine.model import JavisDiT, Numerics
+from javisrt.runtime.engine import Engine
 
-__all__ = ["BACKENDS", "PipelineBackend", "TorchEngine", "create_backend"]
+__all__ = ["ENGINES", "create_engine"]
 
-
-@runtime_checkable
-class PipelineBackend(Protocol):
-    """A DiT executor with an explicit lifecycle."""
-
-    name: str
-
-    def load(self) -> None: ...
-
-    def allocate(self, shapes: Mapping[str, tuple[int, ...]]) -> None: ...
-
-    def infer(
-        self, inputs: Mapping[str, torch.Tensor], *, video_latent_frames: int | None = None
-    ) -> dict[str, torch.Tensor]: ...
-
-    def unload(self) -> None: ...
+ENGINES = ("torch", "onnxruntime", "tensorrt")
 
 
-def _lazy(module: str) -> Callable[..., PipelineBackend]:
-    """A factory that imports ``module`` on first use and calls its ``create_for_pipeline``."""
+def create_engine(
+    name: str,
+    *,
+    model: JavisDiT | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    config: JavisConfig | str | None = None,
+    engine_file: str | os.PathLike[str] | None = None,
+    mode: GenerationMode | str | None = None,
+    device: torch.device | str = "cpu",
+    ops: str = "torch",
+    numerics: Numerics | str | None = None,
+    cuda_graphs: bool = False,
+    **options: Any,
+) -> Engine:
+    """The engine ``name``, loaded and ready.
 
-    def factory(model: JavisDiT, device: torch.device | str = "cpu", **options: Any) -> PipelineBackend:
-        try:
-            mod = importlib.import_module(module)
-        except ImportError as exc:
-            raise UnavailableError(f"backend module {module} cannot be imported: {exc}") from exc
-        engine: PipelineBackend = mod.create_for_pipeline(model, device=device, **options)
-        return engine
+    torch: exactly one of ``model`` / ``checkpoint`` (``config``: the preset when the checkpoint does
+    not say; ``numerics`` default: the model's own, official for a checkpoint), ``mode`` (default:
+    every modality of the network), ``ops``, ``cuda_graphs``. onnxruntime / tensorrt: ``engine_file``;
+    ``options`` go to the engine's constructor (e.g. ``intra_op_threads``, ``refit_onnx``). A mode the
+    compiled file was not exported for is refused by the caller through ``engine.contract.mode``.
+    """
+    if name not in ENGINES:
+        raise ConfigError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}")
+    dev = torch.device(device)
+    if name == "torch":
+        if engine_file is not None:
+            raise ConfigError("--engine-file is for the onnxruntime and tensorrt engines; the torch engine runs a checkpoint")
+        if options:
+            raise ConfigError(f"options {sorted(options)} do not apply to the torch engine")
+        if (model is None) == (checkpoint is None):
+            raise ConfigError("the torch engine needs exactly one of model= or checkpoint=")
+        if model is None:
+            from javisrt.engine.checkpoint import load_model
 
-    return factory
+            assert checkpoint is not None
+            model = load_model(checkpoint, config, Numerics.OFFICIAL if numerics is None else numerics, dev, ops)
+        from javisrt.runtime.backends.torch_engine import TorchEngine
 
-
-# name -> factory(model, device, **options)
-BACKENDS: dict[str, Callable[..., PipelineBackend]] = {
-    "torch": TorchEngine,
-    "torch-engine": _lazy("javisrt.runtime.backends.torch_engine"),
-    "onnxruntime": _lazy("javisrt.runtime.backends.onnxruntime"),
-    "tensorrt": _lazy("javisrt.runtime.backends.tensorrt"),
-}
-
-
-def create_backend(name: str, model: JavisDiT, device: torch.device | str = "cpu", **options: Any) -> PipelineBackend:
-    """The engine registered as ``name``, loaded and ready; unknown names raise ConfigError."""
-    try:
-        factory = BACKENDS[name]
-    except KeyError:
-        raise ConfigError(f"unknown backend {name!r}; available: {sorted(BACKENDS)}") from None
-    engine = factory(model, device=device, **options)
+        engine: Engine = TorchEngine(model, mode=mode, ops=ops, numerics=numerics, device=dev, cuda_graphs=cuda_graphs)
+    else:
+        if model is not None or checkpoint is not None:
+            raise ConfigError(
+                f"the {name} engine runs its compiled file (engine_file=), which carries its weights; "
+                "model=/checkpoint= do not apply"
+            )
+        if engine_file is None:
+            raise ConfigError(f"the {name} engine needs engine_file= (--engine-file): the compiled DiT to run")
+        if ops != "torch":
+            raise ConfigError(f"op sets (--ops {ops}) apply to the torch engine; the {name} engine runs its compiled graph")
+        engine = _compiled(name, engine_file, dev, cuda_graphs, options)
     engine.load()
     return engine
+
+
+def _compiled(name: str, path: str | os.PathLike[str], dev: torch.device, cuda_graphs: bool, options: dict[str, Any]) -> Engine:
+    try:
+        if name == "onnxruntime":
+            from javisrt.runtime.backends.onnxruntime_engine import OnnxRuntimeEngine
+
+            if cuda_graphs:
+                raise UnavailableError("the onnxruntime engine cannot capture CUDA graphs; use torch or tensorrt")
+            options.setdefault("providers", ("cuda",) if dev.type == "cuda" else ("cpu",))
+            return OnnxRuntimeEngine(path, device_id=dev.index or 0, **options)
+        from javisrt.runtime.backends.tensorrt_engine import TensorRTEngine
+
+        if dev.type != "cuda":
+            raise ConfigError(f"the tensorrt engine runs on a CUDA device, got {dev}")
+        return TensorRTEngine(path, device_id=dev.index or 0, cuda_graphs=cuda_graphs, **options)
+    except ImportError as exc:
+        raise UnavailableError(f"the {name} engine cannot be imported: {exc}") from exc

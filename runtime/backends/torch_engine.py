@@ -1,9 +1,11 @@
-"""TorchBackend: the Engine interface over the eager :class:`~javisrt.engine.model.JavisDiT`.
+"""TorchEngine: the Engine interface over the eager :class:`~javisrt.engine.model.JavisDiT`.
 
-The CPU reference of every compiled backend: same contract I/O (the RoPE tables are inputs, as in
-the exported graph), ops ``"torch"`` (any device) or ``"triton"`` (CUDA), and, on a GPU, optional
-CUDA-graph capture per shape bucket (captured on the first run of a bucket after one warm-up run;
-:meth:`TorchBackend.capture_graph` also hands the ``cudaGraphExec_t`` to the C++ loop).
+The CPU reference of every compiled engine: same contract I/O (the RoPE tables are inputs, as in
+the exported graph), op sets ``"torch"`` (any device) or ``"triton"`` (CUDA), any generation mode the
+network supports (t2av, t2a, t2v: one contract per mode, :meth:`TorchEngine.for_mode` shares the
+model), and, on a GPU, optional CUDA-graph capture per shape bucket (captured on the first run of a
+bucket after one warm-up run; :meth:`TorchEngine.capture_graph` also hands the ``cudaGraphExec_t`` to
+the C++ loop).
 """
 
 from __future__ import annotations
@@ -16,72 +18,75 @@ from typing import Any
 import torch
 from torch import nn
 
+from javisrt.engine.config import GenerationMode
 from javisrt.engine.errors import ConfigError, UnavailableError
 from javisrt.engine.model import JavisDiT, Numerics
-from javisrt.export.contract import DiTContract
-from javisrt.runtime.engine import Array, BufferSpec, EngineBase, ShapeBucket, as_torch, velocity_outputs
+from javisrt.export.contract import (
+    AUDIO,
+    CONTEXT,
+    MODALITY_IO,
+    ROPE_COS,
+    ROPE_SIN,
+    TIMESTEP,
+    VIDEO,
+    VIDEO_FRAMES,
+    DiTContract,
+)
+from javisrt.runtime.engine import Array, BufferSpec, Engine, ShapeBucket, as_torch
 
 log = logging.getLogger(__name__)
 
 
-def contract_forward(model: JavisDiT, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def velocity_outputs(video: torch.Tensor | None, audio: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The model's (video, audio) velocities under the contract's output names; absent modalities omitted."""
+    return {name: v for (_, name), v in zip(MODALITY_IO, (video, audio), strict=True) if v is not None}
+
+
+def contract_forward(model: JavisDiT, inputs: Mapping[str, torch.Tensor], video_frames: int) -> dict[str, torch.Tensor]:
     """One denoiser call with the export contract's I/O names (fp32 in, fp32 out).
 
-    Same stages as :meth:`JavisDiT.forward`, except that the TA-RoPE tables come from the inputs
-    (``rope_cos`` / ``rope_sin``), exactly as in the exported graph.
+    The stages of :meth:`JavisDiT.forward`, with the TA-RoPE tables taken from the inputs
+    (``rope_cos`` / ``rope_sin``) exactly as in the exported graph; ``video_frames`` is the video's
+    latent frame count (read by the audio-only forward for the TA-RoPE time axis).
     """
-    emb = model.embed(inputs["video"], inputs.get("audio"), inputs["timestep"], inputs["context"])
-    x = model.transformer(emb, (inputs["rope_cos"], inputs["rope_sin"]))
+    video = inputs.get(VIDEO)
+    emb = model.embed(
+        video, inputs.get(AUDIO), inputs[TIMESTEP], inputs[CONTEXT],
+        video_latent_frames=None if video is not None else video_frames,
+    )  # fmt: skip
+    x = model.transformer(emb, (inputs[ROPE_COS], inputs[ROPE_SIN]))
     return velocity_outputs(*model.heads(x, emb.e, emb.grid))
 
 
-class ContractModule(nn.Module):
-    """``nn.Module`` whose positional inputs/outputs are the contract's, in contract order.
+class TorchEngine(Engine):
+    """Eager torch (optionally with the Triton kernels and per-bucket CUDA graphs).
 
-    For ``torch.onnx.export(ContractModule(model, contract), tuple(sample_inputs.values()), ...)``.
+    ``model``: a built :class:`JavisDiT` (``create_engine("torch", checkpoint=...)`` loads one);
+    ``load`` moves it to ``device`` with the op set ``ops`` (and ``numerics`` when given). ``mode``: what
+    the engine generates (default: every modality of the network).
     """
-
-    def __init__(self, model: JavisDiT, contract: DiTContract) -> None:
-        super().__init__()
-        self.model = model
-        self.input_names = tuple(contract.input_names)
-        self.output_names = tuple(contract.output_names)
-
-    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = contract_forward(self.model, dict(zip(self.input_names, args, strict=True)))
-        return tuple(out[n] for n in self.output_names)
-
-
-class TorchBackend(EngineBase):
-    """Eager torch (optionally with the Triton kernels and per-bucket CUDA graphs)."""
 
     name = "torch"
 
     def __init__(
         self,
-        contract: DiTContract,
+        model: JavisDiT,
         *,
-        model: JavisDiT | None = None,
-        checkpoint: str | os.PathLike[str] | None = None,
+        mode: GenerationMode | str | None = None,
         ops: str = "torch",
         numerics: Numerics | str | None = None,
         device: torch.device | str = "cpu",
         cuda_graphs: bool = False,
     ) -> None:
-        super().__init__(contract)
-        if (model is None) == (checkpoint is None):
-            raise ConfigError("TorchBackend needs exactly one of model= or checkpoint=")
+        super().__init__(DiTContract.for_config(model.cfg, mode=mode))
         self._device = torch.device(device)
         if cuda_graphs and self._device.type != "cuda":
             raise ConfigError(f"cuda_graphs=True needs a CUDA device, got {self._device}")
         if ops == "triton" and self._device.type != "cuda":
             raise ConfigError("ops='triton' runs the Triton kernels, which need a CUDA device")
-        if model is not None and model.cfg != contract.config:
-            raise ConfigError(f"model config {model.cfg.name!r} does not match the contract's {contract.config.name!r}")
         self._model_arg = model
-        self._checkpoint = checkpoint
         self._ops = ops
-        # None: a given model keeps its numerics; a checkpoint loads as load_model's default (official).
+        # None: the model keeps its numerics.
         self._numerics = None if numerics is None else Numerics(numerics)
         self.cuda_graphs = cuda_graphs
         self.model: JavisDiT | None = None
@@ -97,17 +102,10 @@ class TorchBackend(EngineBase):
     # ---- hooks ---------------------------------------------------------------------------------
     def _load(self) -> None:
         if self._device.type == "cuda" and not torch.cuda.is_available():
-            raise UnavailableError(f"TorchBackend on {self._device}: no CUDA device is available")
-        if self._model_arg is not None:
-            model = self._model_arg.to(self._device).set_ops(self._ops)
-            if self._numerics is not None and model.numerics is not self._numerics:
-                model.set_numerics(self._numerics)
-        else:
-            from javisrt.engine.checkpoint import load_model
-
-            assert self._checkpoint is not None
-            numerics = Numerics.OFFICIAL if self._numerics is None else self._numerics
-            model = load_model(self._checkpoint, self.contract.config, numerics, self._device, self._ops)
+            raise UnavailableError(f"torch engine on {self._device}: no CUDA device is available")
+        model = self._model_arg.to(self._device).set_ops(self._ops)
+        if self._numerics is not None and model.numerics is not self._numerics:
+            model.set_numerics(self._numerics)
         self.model = model.requires_grad_(False).eval()
         if self._device.type == "cuda":
             self._stream = torch.cuda.Stream(self._device)
@@ -124,9 +122,10 @@ class TorchBackend(EngineBase):
             self._buffers[name].copy_(src)
 
     def _forward_into_outputs(self) -> None:
-        assert self.model is not None
+        assert self.model is not None and self.bucket is not None
         with torch.inference_mode():
-            out = contract_forward(self.model, {n: self._buffers[n] for n in self.contract.input_names})
+            inputs = {n: self._buffers[n] for n in self.contract.input_names}
+            out = contract_forward(self.model, inputs, self.bucket.as_dims()[VIDEO_FRAMES])
             for name in self.contract.output_names:
                 self._buffers[name].copy_(out[name])
 
@@ -151,10 +150,26 @@ class TorchBackend(EngineBase):
         assert self._bucket is not None
         return self._bucket.dims
 
+    @property
+    def supports_cuda_graphs(self) -> bool:
+        return self.cuda_graphs and self._device.type == "cuda"
+
+    def for_mode(self, mode: GenerationMode | str) -> TorchEngine:
+        """Another torch engine on the same model (same device, ops, numerics) generating ``mode``."""
+        if GenerationMode(mode) is self.contract.mode:
+            return self
+        other = TorchEngine(
+            self._model_arg, mode=mode, ops=self._ops, numerics=self._numerics, device=self._device,
+            cuda_graphs=self.cuda_graphs,
+        )  # fmt: skip
+        if self.state is not self.state.UNLOADED:
+            other.load()
+        return other
+
     def capture_graph(self) -> int:
         """Capture the current bucket's forward as a CUDA graph (after a warm-up run); its exec handle."""
         if not self.cuda_graphs or self._stream is None:
-            raise UnavailableError("TorchBackend: CUDA-graph capture needs device='cuda' and cuda_graphs=True")
+            raise UnavailableError("torch engine: CUDA-graph capture needs device='cuda' and cuda_graphs=True")
         self._require_allocated()
         key = self._current_key()
         if key not in self._graphs:
@@ -201,11 +216,3 @@ class TorchBackend(EngineBase):
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
 
-
-def create_for_pipeline(model: JavisDiT, device: torch.device | str = "cpu", **options: Any) -> Any:
-    """Factory with the signature of ``runtime/backends/__init__.py``'s BACKENDS entries
-    (``options``: ``ops``, ``cuda_graphs``); returns a :class:`~javisrt.runtime.engine.PipelineEngine`."""
-    from javisrt.runtime.engine import PipelineEngine
-
-    contract = DiTContract.for_config(model.cfg)
-    return PipelineEngine(TorchBackend(contract, model=model, device=device, **options))

@@ -1,8 +1,11 @@
-"""OnnxRuntimeBackend: the Engine interface over an exported ONNX graph in ONNX Runtime.
+"""OnnxRuntimeEngine: the Engine interface over an exported ONNX graph in ONNX Runtime.
+
+The contract (names, shapes, mode, network config) comes from the graph's own metadata
+(``javisrt.contract``, written by the export): no eager model is built.
 
 CPU by default; the CUDA execution provider where it is installed (``providers=("cuda",)``).
 I/O goes through an ``IOBinding`` onto the engine's own persistent torch buffers, so the output
-buffers are written in place exactly like the TensorRT backend's (no per-run allocation).
+buffers are written in place exactly like the TensorRT engine's (no per-run allocation).
 
 Two ORT facts this backend applies (shared/feasibility.md §3-4):
 * ORT's graph optimisations miscompute FP8 Q/DQ graphs: a graph with float8 Q/DQ runs with
@@ -21,53 +24,31 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 import torch
 
 from javisrt.engine.errors import ConfigError, EngineMismatchError, UnavailableError
-from javisrt.export.contract import DiTContract
-from javisrt.runtime.engine import Array, BufferSpec, EngineBase, ShapeBucket, as_torch
+from javisrt.export.fp8_rules import has_float8_qdq
+from javisrt.export.onnx import contract_of
+from javisrt.runtime.engine import Array, BufferSpec, Engine, ShapeBucket, as_torch
 
 log = logging.getLogger(__name__)
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-_FLOAT8 = {
-    onnx.TensorProto.FLOAT8E4M3FN,
-    onnx.TensorProto.FLOAT8E4M3FNUZ,
-    onnx.TensorProto.FLOAT8E5M2,
-    onnx.TensorProto.FLOAT8E5M2FNUZ,
-}
 
-
-def has_float8_qdq(model: onnx.ModelProto) -> bool:
-    """Whether any QuantizeLinear/DequantizeLinear of the graph uses a float8 type."""
-    inits = {t.name: t.data_type for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "QuantizeLinear":
-            if len(node.input) > 2 and inits.get(node.input[2]) in _FLOAT8:
-                return True
-            if any(a.name == "output_dtype" and a.i in _FLOAT8 for a in node.attribute):
-                return True
-        if node.op_type == "DequantizeLinear" and inits.get(node.input[0]) in _FLOAT8:
-            return True
-        if node.op_type == "DequantizeLinear" and len(node.input) > 2 and inits.get(node.input[2]) in _FLOAT8:
-            return True
-    return False
 
 
 def _numpy_dtype(dtype: torch.dtype) -> Any:
     return torch.empty((), dtype=dtype).numpy().dtype
 
 
-class OnnxRuntimeBackend(EngineBase):
+class OnnxRuntimeEngine(Engine):
     """ONNX Runtime on CPU (or the CUDA EP) behind the Engine interface."""
 
     name = "onnxruntime"
 
     def __init__(
         self,
-        contract: DiTContract,
         onnx_path: str | os.PathLike[str],
         *,
         providers: Sequence[str] = ("cpu",),
@@ -76,11 +57,16 @@ class OnnxRuntimeBackend(EngineBase):
         register_custom_ops: Callable[[Any], None] | None = None,
         profile_prefix: str | os.PathLike[str] | None = None,
     ) -> None:
-        super().__init__(contract)
         unknown = [p for p in providers if p not in PROVIDERS]
         if not providers or unknown:
             raise ConfigError(f"providers must be a non-empty subset of {sorted(PROVIDERS)}, got {list(providers)}")
         self.onnx_path = Path(onnx_path)
+        if not self.onnx_path.is_file():
+            raise ConfigError(f"ONNX file {self.onnx_path} does not exist")
+        proto = onnx.load(str(self.onnx_path), load_external_data=False)  # not kept: ORT reads the file itself
+        super().__init__(contract_of(proto))
+        self.fp8 = has_float8_qdq(proto)
+        del proto
         self.providers = tuple(providers)
         self.device_id = device_id
         self.intra_op_threads = intra_op_threads
@@ -90,7 +76,6 @@ class OnnxRuntimeBackend(EngineBase):
         self.profile_prefix = None if profile_prefix is None else str(profile_prefix)
         self._device = torch.device("cuda", device_id) if self.providers[0] == "cuda" else torch.device("cpu")
         self.session: Any = None
-        self.fp8 = False
         self._binding: Any = None
         self._buffers: dict[str, torch.Tensor] = {}
 
@@ -110,10 +95,6 @@ class OnnxRuntimeBackend(EngineBase):
                 f"ONNX Runtime providers {missing} are not available here (have {sorted(available)}); "
                 "the CUDA provider needs the onnxruntime-gpu build and a GPU"
             )
-        if not self.onnx_path.is_file():
-            raise ConfigError(f"ONNX file {self.onnx_path} does not exist")
-        proto = onnx.load(str(self.onnx_path), load_external_data=False)
-        self.fp8 = has_float8_qdq(proto)
         opts = ort.SessionOptions()
         if self.fp8:
             # ORT's optimisers fold/fuse float8 Q/DQ wrongly on CPU (feasibility.md §3): run them verbatim.
@@ -141,7 +122,7 @@ class OnnxRuntimeBackend(EngineBase):
     def end_profiling(self) -> Path:
         """Stop ORT's session profiling and return its trace file (needs ``profile_prefix``)."""
         if self.session is None or self.profile_prefix is None:
-            raise ConfigError("ORT profiling was not enabled: create the backend with profile_prefix=")
+            raise ConfigError("ORT profiling was not enabled: create the engine with profile_prefix=")
         return Path(self.session.end_profiling())
 
     def _check_io(self) -> None:
@@ -174,8 +155,8 @@ class OnnxRuntimeBackend(EngineBase):
     def _run(self, stream: int | None) -> None:
         if stream not in (None, 0):
             raise NotImplementedError(
-                "OnnxRuntimeBackend runs on ORT's own stream; enqueue on a caller's CUDA stream is not implemented "
-                "(use the torch or tensorrt backend for the CUDA sampling loop)"
+                "the onnxruntime engine runs on ORT's own stream; enqueue on a caller's CUDA stream is not implemented "
+                "(use the torch or tensorrt engine for the CUDA sampling loop)"
             )
         if self._device.type == "cuda":
             torch.cuda.synchronize(self._device)  # inputs were copied on torch's stream
@@ -201,23 +182,3 @@ class OnnxRuntimeBackend(EngineBase):
     def _unload(self) -> None:
         self.session = None
 
-
-def outputs_as_numpy(outputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """Host copies of an engine's outputs (for comparisons and golden files)."""
-    return {k: v.detach().cpu().numpy().copy() for k, v in outputs.items()}
-
-
-def create_for_pipeline(model: Any, device: torch.device | str = "cpu", **options: Any) -> Any:
-    """Factory with the signature of ``runtime/backends/__init__.py``'s BACKENDS entries.
-
-    ``options``: ``onnx_path`` (required) and the :class:`OnnxRuntimeBackend` keywords; CUDA devices
-    select the CUDA execution provider. Returns a :class:`~javisrt.runtime.engine.PipelineEngine`.
-    """
-    from javisrt.runtime.engine import PipelineEngine
-
-    if "onnx_path" not in options:
-        raise ConfigError("the onnxruntime backend needs onnx_path= (a graph exported by javisrt.export.onnx)")
-    dev = torch.device(device)
-    options.setdefault("providers", ("cuda",) if dev.type == "cuda" else ("cpu",))
-    contract = DiTContract.for_config(model.cfg)
-    return PipelineEngine(OnnxRuntimeBackend(contract, options.pop("onnx_path"), device_id=dev.index or 0, **options))

@@ -1,10 +1,11 @@
-"""TensorRTBackend: a javisrt-built TensorRT plan behind the Engine interface (TensorRT 11 API).
+"""TensorRTEngine: a javisrt-built TensorRT plan behind the Engine interface (TensorRT 11 API).
 
 Thin by design (TensorRT cannot be installed on the dev/CI machines): ``tensorrt`` is imported
 lazily inside functions; CUDA streams, device memory and graphs come from cuda-python
 (``cuda.bindings.runtime``), so no CUDA torch is needed.
 
-* **Load** (:meth:`TensorRTBackend.load`): the plan's metadata sidecar is checked first
+* **Contract**: read from the plan's metadata sidecar when the engine is constructed (no eager model).
+* **Load** (:meth:`TensorRTEngine.load`): the plan's metadata sidecar is checked first
   (``export/engine_meta.py``: TensorRT version, GPU SM, precision, profiles/contract, checkpoint
   hash, plan SHA-256), then ``trt.Runtime.deserialize_cuda_engine``; the deserialized engine's
   I/O names, modes, dtypes and profile count are checked against the contract. A weight-stripped plan
@@ -16,9 +17,8 @@ lazily inside functions; CUDA streams, device memory and graphs come from cuda-p
 * **Infer**: async H2D copies into the bound inputs, ``execute_async_v3(stream)``, or the replay
   of the bucket's CUDA graph (captured after one warm-up enqueue, tensorrt-notes §6); outputs come
   back as host tensors on request, while the C++ loop uses the device buffers directly
-  (:func:`javisrt.runtime.engine.loop_binding`).
-* **Concurrency**: one execution context + stream per :class:`TensorRTBackend`;
-  :meth:`TensorRTBackend.sibling` opens another context on the same deserialized engine.
+  (:meth:`javisrt.runtime.denoise_session.DenoiseSession.loop_binding`).
+* **Concurrency**: one execution context + stream per :class:`TensorRTEngine`.
 """
 
 from __future__ import annotations
@@ -36,10 +36,12 @@ import torch
 from javisrt.engine.errors import ConfigError, EngineMismatchError, ShapeError, UnavailableError
 from javisrt.export import engine_meta
 from javisrt.export.contract import Dims, DiTContract
+from javisrt.export.tensorrt_api import cuda_call, cudart, device_compute_capability, import_tensorrt, make_logger
+from javisrt.export.tensorrt_api import refit_engine_from_onnx
 from javisrt.runtime.engine import (
     Array,
     BufferSpec,
-    EngineBase,
+    Engine,
     EngineState,
     ShapeBucket,
     as_torch,
@@ -56,75 +58,24 @@ log = logging.getLogger(__name__)
 TRT_DTYPES = {"float32": "FLOAT", "float16": "HALF", "bfloat16": "BF16", "int64": "INT64", "int32": "INT32"}
 
 
-def import_tensorrt() -> Any:
-    """``tensorrt``, or UnavailableError saying why (not installed / not the real package)."""
-    try:
-        import tensorrt as trt
-    except ImportError as exc:
-        raise UnavailableError(
-            f"TensorRT is not installed ({exc}); the tensorrt backend and `javisrt build` need a GPU machine "
-            "with TensorRT 11 (pip `tensorrt` from NVIDIA's index)"
-        ) from exc
-    if not hasattr(trt, "Runtime"):
-        raise UnavailableError(
-            "`import tensorrt` found a package without TensorRT's bindings (an empty namespace package, e.g. left "
-            "by tensorrt-stubs installed into site-packages); install TensorRT 11"
-        )
-    return trt
 
 
-def cudart() -> Any:
-    from cuda.bindings import runtime
-
-    return runtime
 
 
-def cuda_call(result: Any, what: str) -> Any:
-    """Unwrap a cuda-python ``(err, *values)`` result; raise with the CUDA error name otherwise."""
-    rt = cudart()
-    err, *values = result if isinstance(result, tuple) else (result,)
-    if err != rt.cudaError_t.cudaSuccess:
-        if err in (rt.cudaError_t.cudaErrorNoDevice, rt.cudaError_t.cudaErrorInsufficientDriver):
-            raise UnavailableError(f"{what}: no usable CUDA device/driver ({err.name})")
-        raise RuntimeError(f"{what} failed: {err.name}")
-    if not values:
-        return None
-    return values[0] if len(values) == 1 else tuple(values)
 
 
-def device_compute_capability(device_id: int = 0) -> tuple[int, int]:
-    rt = cudart()
-    major = cuda_call(rt.cudaDeviceGetAttribute(rt.cudaDeviceAttr.cudaDevAttrComputeCapabilityMajor, device_id), "cc")
-    minor = cuda_call(rt.cudaDeviceGetAttribute(rt.cudaDeviceAttr.cudaDevAttrComputeCapabilityMinor, device_id), "cc")
-    return int(major), int(minor)
 
 
-def make_logger() -> trt.ILogger:
-    """A ``trt.ILogger`` forwarding to :mod:`logging` (TensorRT severities -> logging levels)."""
-    import_tensorrt()
-    import tensorrt as trt
 
-    levels = {
-        trt.ILogger.Severity.INTERNAL_ERROR: logging.CRITICAL,
-        trt.ILogger.Severity.ERROR: logging.ERROR,
-        trt.ILogger.Severity.WARNING: logging.WARNING,
-        trt.ILogger.Severity.INFO: logging.INFO,
-        trt.ILogger.Severity.VERBOSE: logging.DEBUG,
-    }
 
-    class _Logger(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
 
-        def log(self, severity: trt.ILogger.Severity, msg: str) -> None:
-            logging.getLogger("tensorrt").log(levels.get(severity, logging.INFO), "%s", msg)
 
-    return _Logger()
+
 
 
 @dataclass
 class LoadedPlan:
-    """One deserialized engine shared by the contexts (siblings) opened on it."""
+    """The deserialized engine and what keeps it alive (runtime, logger), with its metadata."""
 
     trt: Any
     logger: Any
@@ -158,14 +109,13 @@ def check_engine_io(engine: trt.ICudaEngine, contract: DiTContract) -> None:
         )
 
 
-class TensorRTBackend(EngineBase):
+class TensorRTEngine(Engine):
     """One TensorRT execution context with its own stream, buffers and per-bucket CUDA graphs."""
 
     name = "tensorrt"
 
     def __init__(
         self,
-        contract: DiTContract,
         plan_path: str | os.PathLike[str],
         *,
         precision: str | None = None,
@@ -173,16 +123,17 @@ class TensorRTBackend(EngineBase):
         device_id: int = 0,
         refit_onnx: str | os.PathLike[str] | None = None,
         cuda_graphs: bool = True,
-        _shared: LoadedPlan | None = None,
     ) -> None:
-        super().__init__(contract)
+        # The contract (with the profiles the plan was built for) comes from the plan's sidecar; the
+        # sidecar is checked in full against this machine by load().
+        super().__init__(DiTContract.from_dict(engine_meta.read_metadata(plan_path).contract))
         self.plan_path = Path(plan_path)
         self.precision = precision
         self.checkpoint_sha256 = checkpoint_sha256
         self.device_id = device_id
         self.refit_onnx = None if refit_onnx is None else Path(refit_onnx)
         self.cuda_graphs = cuda_graphs
-        self._shared = _shared
+        self._shared: LoadedPlan | None = None
         self.context: Any = None
         self._stream: Any = None
         self._device_buffers: dict[str, int] = {}
@@ -201,24 +152,11 @@ class TensorRTBackend(EngineBase):
             raise ConfigError("tensorrt engine: not loaded")
         return self._shared.meta
 
-    def sibling(self) -> TensorRTBackend:
-        """Another context (own stream, buffers, profile) on the same deserialized engine."""
-        if self._shared is None:
-            raise ConfigError("tensorrt engine: sibling() before load()")
-        return TensorRTBackend(
-            self.contract, self.plan_path, precision=self.precision, checkpoint_sha256=self.checkpoint_sha256,
-            device_id=self.device_id, cuda_graphs=self.cuda_graphs, _shared=self._shared,
-        )  # fmt: skip
-
-    # ---- load ----------------------------------------------------------------------------------
     def _load(self) -> None:
         import_tensorrt()  # first: the clearest reason on machines without TensorRT
         rt = cudart()
         cuda_call(rt.cudaSetDevice(self.device_id), "cudaSetDevice")
-        if self._shared is None:
-            self._shared = self._deserialize()
-        else:
-            self.contract = DiTContract.from_dict(self._shared.meta.contract)
+        self._shared = self._deserialize()
         self._shared.users += 1
         self.context = self._shared.engine.create_execution_context()
         if self.context is None:
@@ -262,7 +200,7 @@ class TensorRTBackend(EngineBase):
         assert self._shared is not None
         bucket = ShapeBucket.of(self.contract, dims)
         full: Dims = bucket.as_dims()
-        if self._profile is not None and _fits(self.contract, self._profile, full):
+        if self._profile is not None and profile_contains(self.contract, self._profile, full):
             return ShapeBucket(bucket.dims, self._profile)
         with self._shared.lock:
             busy = self._shared.profiles_in_use - ({self._profile} if self._profile is not None else set())
@@ -331,6 +269,10 @@ class TensorRTBackend(EngineBase):
     def stream_handle(self) -> int:
         return 0 if self._stream is None else int(self._stream)
 
+    @property
+    def supports_cuda_graphs(self) -> bool:
+        return self.cuda_graphs
+
     def capture_graph(self) -> int:
         """CUDA graph of one ``execute_async_v3`` at the current bucket (trtexec's recipe: one
         enqueue outside capture flushes lazy initialisation, then a thread-local capture)."""
@@ -351,7 +293,7 @@ class TensorRTBackend(EngineBase):
                 cuda_call(rt.cudaGraphDestroy(graph), "cudaGraphDestroy")
                 raise RuntimeError(
                     "execute_async_v3 is not capturable for this engine (weight streaming, data-dependent shapes or a "
-                    "JIT plugin?); construct the backend with cuda_graphs=False"
+                    "JIT plugin?); construct the engine with cuda_graphs=False"
                 )
             exec_ = cuda_call(rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
             self._graphs[key] = (graph, exec_)
@@ -409,40 +351,3 @@ class TensorRTBackend(EngineBase):
         self._profile = None
         self._shared = None
 
-
-def _fits(contract: DiTContract, profile: int, dims: Dims) -> bool:
-    return profile_contains(contract, profile, dims)
-
-
-def refit_engine_from_onnx(engine: trt.ICudaEngine, logger: trt.ILogger, onnx_path: Path) -> None:
-    """Refit every refittable weight of ``engine`` from the initializers of ``onnx_path``."""
-    import tensorrt as trt
-
-    refitter = trt.Refitter(engine, logger)
-    parser_refitter = trt.OnnxParserRefitter(refitter, logger)
-    if not parser_refitter.refit_from_file(str(onnx_path)):
-        errors = [str(parser_refitter.get_error(i)) for i in range(parser_refitter.num_errors)]
-        raise EngineMismatchError(f"refit from {onnx_path} failed: {errors}")
-    missing = refitter.get_missing_weights()
-    if missing:
-        raise EngineMismatchError(f"refit from {onnx_path}: weights still missing: {missing[:8]}")
-    if not refitter.refit_cuda_engine():
-        raise EngineMismatchError(f"refit_cuda_engine failed for {onnx_path} (see the TensorRT log)")
-    log.info("refitted the engine from %s", onnx_path)
-
-
-def create_for_pipeline(model: Any, device: torch.device | str = "cuda", **options: Any) -> Any:
-    """Factory with the signature of ``runtime/backends/__init__.py``'s BACKENDS entries.
-
-    ``options``: ``plan_path`` (required) and the :class:`TensorRTBackend` keywords. Returns a
-    :class:`~javisrt.runtime.engine.PipelineEngine` (not loaded: ``create_engine`` loads it).
-    """
-    from javisrt.runtime.engine import PipelineEngine
-
-    if "plan_path" not in options:
-        raise ConfigError("the tensorrt backend needs plan_path= (an engine built by `javisrt build`)")
-    dev = torch.device(device)
-    if dev.type != "cuda":
-        raise ConfigError(f"the tensorrt backend runs on a CUDA device, got {dev}")
-    contract = DiTContract.for_config(model.cfg)
-    return PipelineEngine(TensorRTBackend(contract, options.pop("plan_path"), device_id=dev.index or 0, **options))

@@ -1,0 +1,218 @@
+"""DenoiseSession: the per-request state of one denoising run on an :class:`~javisrt.runtime.engine.Engine`.
+
+One object owns what stays constant over the steps of a request and how the sampling loop reaches
+the engine; the pipeline, FP8 calibration, the benchmark and the tests all use it::
+
+    session = DenoiseSession(engine, context, latent_shapes, mask=mask, video_frames=T)
+    velocities = session(latents, timesteps)           # torch in, torch out (views of the engine's buffers)
+    _sampler.sample(latents, session.host_denoiser(), config)              # host loop (numpy hand-off)
+    _sampler.sample_cuda(latents, config, **session.loop_binding().sample_cuda_kwargs())  # CUDA loop
+
+On construction it allocates the engine's shape bucket for the CFG batch and writes the static inputs
+once: the text ``context`` ([2B, Lt, D], cond half first) with masked positions zeroed and zero-padded to
+the contract's ``text_len`` (model-spec §3.1), and the TA-RoPE tables of the bucket (one cache for the
+whole process, :func:`rope_tables`). Each step then writes only the latents and the timesteps.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from javisrt.engine.errors import ConfigError, ShapeError, UnavailableError
+from javisrt.export.contract import BATCH, CONTEXT, ROPE_COS, ROPE_SIN, TIMESTEP, Dims, DiTContract
+from javisrt.runtime.engine import Array, Engine, EngineState, buffer_plan
+
+
+@functools.lru_cache(maxsize=16)
+def _rope_tables(contract: DiTContract, dims: tuple[tuple[str, int], ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    return contract.rope_tables(dict(dims))
+
+
+def rope_tables(contract: DiTContract, dims: Mapping[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """TA-RoPE (cos, sin) of ``dims`` on the CPU, built once per (contract, shape) for the process."""
+    key = tuple(sorted((k, int(dims[k])) for k in contract.free_dims))
+    return _rope_tables(contract, key)
+
+
+def padded_context(contract: DiTContract, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``context`` [N, Lt, D] as the contract's fp32 [N, text_len, D]: masked positions zeroed, zero-padded."""
+    cfg = contract.config
+    if context.ndim != 3 or context.shape[2] != cfg.text_dim:
+        raise ShapeError(f"context must be [batch, tokens, {cfg.text_dim}], got {tuple(context.shape)}")
+    ctx = context.float()
+    if mask is not None:
+        if tuple(mask.shape) != tuple(ctx.shape[:2]):
+            raise ShapeError(f"context mask {tuple(mask.shape)} != context tokens {tuple(ctx.shape[:2])}")
+        ctx = ctx * mask.to(device=ctx.device, dtype=ctx.dtype).unsqueeze(-1)
+    pad = cfg.text_len - ctx.shape[1]
+    if pad < 0:
+        raise ShapeError(f"context has {ctx.shape[1]} tokens > text_len {cfg.text_len}")
+    return torch.nn.functional.pad(ctx, (0, 0, 0, pad)) if pad else ctx
+
+
+def request_dims(
+    contract: DiTContract, batch: int, latent_shapes: Mapping[str, Sequence[int]], video_frames: int | None = None
+) -> Dims:
+    """The contract dims of a request: ``latent_shapes`` are per-sample ([C, ...], no batch) or batched
+    shapes of the generated modalities; ``batch`` is the engine batch (2B with CFG)."""
+    missing = [name for name, _ in contract.modality_io if name not in latent_shapes]
+    extra = [name for name in latent_shapes if name not in dict(contract.modality_io)]
+    if missing or extra:
+        raise ShapeError(
+            f"the {contract.mode.value} engine generates {[n for n, _ in contract.modality_io]}; "
+            f"got latents {sorted(latent_shapes)}"
+        )
+    shaped = {}
+    for name, shape in latent_shapes.items():
+        full = tuple(int(s) for s in shape)
+        rank = len(contract.spec(name).shape)
+        if len(full) == rank - 1:
+            full = (batch, *full)
+        elif len(full) != rank:
+            raise ShapeError(f"latent {name}: shape {full} has neither rank {rank - 1} nor {rank}")
+        shaped[name] = _Shape(full)
+    dims = contract.dims_of(shaped, video_frames=video_frames)
+    dims[BATCH] = int(batch)
+    return dims
+
+
+class _Shape:
+    """A stand-in carrying only ``shape`` (what :meth:`DiTContract.dims_of` reads)."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape
+
+
+class DenoiseSession:
+    """One request on an engine: static inputs bound once, latents and timesteps per step."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        context: torch.Tensor,
+        latent_shapes: Mapping[str, Sequence[int]],
+        *,
+        mask: torch.Tensor | None = None,
+        video_frames: int | None = None,
+    ) -> None:
+        if engine.state is EngineState.UNLOADED:
+            raise ConfigError(f"{engine.name} engine: load() it (create_engine does) before a request")
+        self.engine = engine
+        contract = engine.contract
+        self.io = contract.modality_io
+        self.dims = request_dims(contract, context.shape[0], latent_shapes, video_frames)
+        self.bucket = engine.allocate(self.dims)
+        cos, sin = rope_tables(contract, self.dims)
+        engine.write_inputs({CONTEXT: padded_context(contract, context, mask), ROPE_COS: cos, ROPE_SIN: sin})
+        self.calls = 0
+
+    @property
+    def latent_names(self) -> list[str]:
+        return [name for name, _ in self.io]
+
+    # ---- torch hand-off ------------------------------------------------------------------------
+    def __call__(self, latents: Sequence[Array], timesteps: Array) -> list[torch.Tensor]:
+        """Velocities for the CFG batch ``latents`` (one [2B, ...] per modality, video first) at
+        ``timesteps`` [2B]; views of the engine's output buffers, valid until the next call."""
+        if len(latents) != len(self.io):
+            raise ShapeError(f"got {len(latents)} latents for modalities {self.latent_names}")
+        feed: dict[str, Array] = {name: x for (name, _), x in zip(self.io, latents, strict=True)}
+        feed[TIMESTEP] = timesteps
+        outs = self.engine.infer(feed)
+        self.calls += 1
+        return [outs[out_name] for _, out_name in self.io]
+
+    # ---- host sampling loop (javisrt._sampler.sample) ------------------------------------------
+    def host_denoiser(self) -> Callable[[Sequence[np.ndarray], np.ndarray], list[np.ndarray]]:
+        """The ``denoiser(inputs, timesteps)`` callback of ``javisrt._sampler.sample``: float32 numpy
+        in and out (on CPU the outputs are views of the engine's buffers, valid until the next call —
+        what the loop expects; a GPU engine pays one device-to-host copy per step here, which the
+        CUDA loop avoids)."""
+
+        def denoiser(inputs: Sequence[np.ndarray], timesteps: np.ndarray) -> list[np.ndarray]:
+            return [_to_numpy(v) for v in self(inputs, timesteps)]
+
+        return denoiser
+
+    # ---- CUDA sampling loop (javisrt._sampler.sample_cuda) -------------------------------------
+    def loop_binding(self, use_graph: bool = False) -> LoopBinding:
+        """The engine's bound buffers, stream and (optionally) captured graph for the C++ CUDA loop,
+        which writes latents and timesteps straight into the bound device buffers each step."""
+        engine = self.engine
+        if engine.bucket != self.bucket:
+            raise ConfigError("the engine was re-allocated for another request since this session started")
+        batch2 = self.bucket.batch
+        if batch2 % 2:
+            raise ShapeError(f"the sampling loop runs the CFG batch [cond; uncond]: engine batch must be even, got {batch2}")
+        plan = buffer_plan(engine.contract, self.bucket.as_dims())
+        ptr = engine.buffer_pointers()
+        engine.mark_written([*self.latent_names, TIMESTEP])
+        graph = engine.capture_graph() if use_graph else 0
+
+        def enqueue(step: int, stream: int) -> None:
+            engine.enqueue(stream)
+
+        return LoopBinding(
+            inputs=tuple(ptr[i] for i, _ in self.io),
+            outputs=tuple(ptr[o] for _, o in self.io),
+            numels=tuple(plan[i].numel // 2 for i, _ in self.io),
+            timesteps=ptr[TIMESTEP],
+            batch=batch2 // 2,
+            stream=engine.stream_handle,
+            graph_exec=graph,
+            enqueue=enqueue,
+            device=engine.device,
+            engine=engine,
+            generation=engine.buffer_generation,
+        )
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    if t.device.type != "cpu":
+        t = t.cpu()
+    return t.numpy()
+
+
+@dataclass(frozen=True)
+class LoopBinding:
+    """Everything ``javisrt._sampler.sample_cuda`` needs from an engine, as plain ints."""
+
+    inputs: tuple[int, ...]  # per modality: bound [2B, ...] fp32 latent input buffer
+    outputs: tuple[int, ...]  # per modality: bound [2B, ...] fp32 velocity buffer
+    numels: tuple[int, ...]  # per modality: elements of ONE CFG half [B, ...]
+    timesteps: int  # bound [2B] fp32 timestep buffer
+    batch: int  # B (the engine runs 2B)
+    stream: int  # cudaStream_t the denoiser runs on
+    graph_exec: int  # cudaGraphExec_t to replay (0: call enqueue)
+    enqueue: Callable[[int, int], None] | None  # enqueue(step, stream)
+    device: torch.device
+    engine: Engine
+    generation: int  # the engine's buffer_generation when the pointers were taken
+
+    def sample_cuda_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``_sampler.sample_cuda`` except latents and config."""
+        if self.device.type != "cuda":
+            raise UnavailableError(
+                f"the CUDA sampling loop needs device buffers; this engine's buffers are on {self.device}"
+            )
+        if self.engine.buffer_generation != self.generation or self.engine.state is not EngineState.ALLOCATED:
+            raise ConfigError(
+                "this loop binding's buffers and graph were released (the engine was re-allocated or unloaded); "
+                "take a new binding"
+            )
+        return {
+            "inputs": list(self.inputs),
+            "outputs": list(self.outputs),
+            "numels": list(self.numels),
+            "timesteps": self.timesteps,
+            "batch": self.batch,
+            "stream": self.stream,
+            "graph_exec": self.graph_exec,
+            "enqueue": None if self.graph_exec else self.enqueue,
+        }
