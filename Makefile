@@ -6,7 +6,7 @@ DEPS   := $(VENV)/.deps-installed
 PKG    := $(VENV)/.pkg-installed
 CPP_SOURCES := $(shell find cpp -type f 2>/dev/null)
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast lint clean
 
 install: $(PKG)
 

@@ -63,7 +63,6 @@ class JavisConfig:
     # Derived in __post_init__ (not constructor arguments).
     head_dim: int = field(init=False)
     rope_axis_dims: tuple[int, int, int] = field(init=False)
-    has_video: bool = field(init=False)
     has_audio: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -92,7 +91,6 @@ class JavisConfig:
             raise ConfigError(f"freq_dim must be even, got {self.freq_dim}")
         set_(self, "head_dim", head_dim)
         set_(self, "rope_axis_dims", axes)
-        set_(self, "has_video", True)
         set_(self, "has_audio", self.model_type is GenerationMode.T2AV)
 
     # ---- derived sizes -------------------------------------------------------------------------

@@ -26,11 +26,12 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from javisrt.export.contract import ROPE_COS, ROPE_SIN
 from javisrt.export.plugin_ops import DOMAIN, PLUGIN_OPS
 
 SOFTMAX_SCALE = 1.0 / 448.0
 _PASS_THROUGH = ("Unsqueeze", "Reshape", "Expand", "Slice", "Gather", "Cast", "Squeeze", "Transpose", "Identity")
-ROPE_INPUTS = ("rope_cos", "rope_sin")
+ROPE_INPUTS = (ROPE_COS, ROPE_SIN)
 
 # ONNX ops the TensorRT 11 ONNX parser supports natively (default domain) that a DiT graph may contain.
 TRT_NATIVE_OPS = frozenset(

@@ -29,6 +29,7 @@ import torch
 from javisrt.engine.config import GenerationMode, JavisConfig
 from javisrt.engine.errors import CheckpointError, ConfigError, JavisError
 from javisrt.engine.model import Numerics
+from javisrt.export.contract import AUDIO, VIDEO
 from javisrt.runtime import sampling
 from javisrt.runtime.backends import create_engine
 from javisrt.runtime.decode import AudioDecoder, VideoDecoder
@@ -306,9 +307,9 @@ class JavisPipeline:
 
         # 2. noise, video first then audio (§6.1)
         video0, audio0 = draw_noise(geo, config.seed, batch=1, device=self.device)
-        noise = {name: x for name, x in (("video", video0), ("audio", audio0)) if x is not None}
+        noise = {name: x for name, x in ((VIDEO, video0), (AUDIO, audio0)) if x is not None}
         latents = [x.float().cpu().numpy() for x in noise.values()]
-        guidance = tuple(g for g, name in ((config.video_guidance, "video"), (config.audio_guidance, "audio")) if name in noise)
+        guidance = tuple(g for g, name in ((config.video_guidance, VIDEO), (config.audio_guidance, AUDIO)) if name in noise)
 
         # 3. the sampling loop (C++ when built), calling the engine on the CFG batch
         sampler_cfg = config.sampler_config(self.cfg, guidance)
@@ -334,14 +335,14 @@ class JavisPipeline:
         n_dec = len(names)
         report("decode", 0, n_dec)
         frames = waveform = None
-        if "video" in final:
+        if VIDEO in final:
             assert self.video_decoder is not None
-            frames = self.video_decoder.decode(torch.from_numpy(np.array(final["video"])))[0]
+            frames = self.video_decoder.decode(torch.from_numpy(np.array(final[VIDEO])))[0]
             report("decode", 1, n_dec)
         timings["video_decode_s"] = time.perf_counter() - t0
-        if "audio" in final:
+        if AUDIO in final:
             assert self.audio_decoder is not None
-            waveform = self.audio_decoder.decode(torch.from_numpy(np.array(final["audio"])), geo.num_samples)[0]
+            waveform = self.audio_decoder.decode(torch.from_numpy(np.array(final[AUDIO])), geo.num_samples)[0]
             report("decode", n_dec, n_dec)
         timings["decode_s"] = time.perf_counter() - t0
         timings["audio_decode_s"] = timings["decode_s"] - timings["video_decode_s"]
