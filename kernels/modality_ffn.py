@@ -75,6 +75,23 @@ def _expert_tile(pid, Lv, L, tiles_n, BLOCK_M: tl.constexpr, GROUP_M: tl.constex
 
 
 @triton.jit
+def _expert_block(pid, Lv, L, N, wv_ptr, wa_ptr, bv_ptr, ba_ptr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  GROUP_M: tl.constexpr):  # fmt: skip
+    """The output block of tile ``pid`` of a [L, N] grouped GEMM: expert index (0 video, 1 audio), that
+    expert's weight and bias pointers, row / column offsets and their masks (rows stop at the
+    modality boundary). Shared by the up and down projections."""
+    is_audio, row0, row_end, pid_n = _expert_tile(pid, Lv, L, tl.cdiv(N, BLOCK_N), BLOCK_M, GROUP_M)
+    w_ptr = wv_ptr
+    bias_ptr = bv_ptr
+    if is_audio:
+        w_ptr = wa_ptr
+        bias_ptr = ba_ptr
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return is_audio.to(tl.int32), w_ptr, bias_ptr, offs_m, offs_n, offs_m < row_end, offs_n < N
+
+
+@triton.jit
 def _ffn_up_kernel(
     # Pointers (inputs; scales None unless FP8)
     x_ptr, mod_ptr, w1v_ptr, w1a_ptr, b1v_ptr, b1a_ptr, scales_ptr,
@@ -100,18 +117,9 @@ def _ffn_up_kernel(
     GROUP_M: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(1).to(tl.int64)  # int64 batch offsets: B*L*F passes 2^31 at 480p with CFG
-    is_audio, row0, row_end, pid_n = _expert_tile(tl.program_id(0), Lv, L, tl.cdiv(F, BLOCK_N), BLOCK_M, GROUP_M)
-    e = is_audio.to(tl.int32)
-    w_ptr = w1v_ptr
-    bias_ptr = b1v_ptr
-    if is_audio:
-        w_ptr = w1a_ptr
-        bias_ptr = b1a_ptr
-
-    offs_m = row0 + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < row_end
-    mask_n = offs_n < F
+    e, w_ptr, bias_ptr, offs_m, offs_n, mask_m, mask_n = _expert_block(
+        tl.program_id(0), Lv, L, F, w1v_ptr, w1a_ptr, b1v_ptr, b1a_ptr, BLOCK_M, BLOCK_N, GROUP_M
+    )
     x_rows = x_ptr + b * stride_xb + offs_m[:, None] * stride_xl
     shift_ptr = mod_ptr + e * stride_me + b * stride_mb
     scale_ptr = shift_ptr + stride_mc
@@ -192,18 +200,9 @@ def _ffn_down_kernel(
     GROUP_M: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(1).to(tl.int64)
-    is_audio, row0, row_end, pid_n = _expert_tile(tl.program_id(0), Lv, L, tl.cdiv(D, BLOCK_N), BLOCK_M, GROUP_M)
-    e = is_audio.to(tl.int32)
-    w_ptr = w2v_ptr
-    bias_ptr = b2v_ptr
-    if is_audio:
-        w_ptr = w2a_ptr
-        bias_ptr = b2a_ptr
-
-    offs_m = row0 + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < row_end
-    mask_n = offs_n < D
+    e, w_ptr, bias_ptr, offs_m, offs_n, mask_m, mask_n = _expert_block(
+        tl.program_id(0), Lv, L, D, w2v_ptr, w2a_ptr, b2v_ptr, b2a_ptr, BLOCK_M, BLOCK_N, GROUP_M
+    )
     h_rows = h_ptr + b * stride_hb + offs_m[:, None] * stride_hl
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
