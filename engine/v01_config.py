@@ -148,7 +148,7 @@ class STPriorConfig(ConfigDict):
 
 
 _TINY = dict(
-    hidden_size=64, depth=2, num_heads=4, caption_channels=32, model_max_length=12, freq_dim=32,
+    hidden_size=64, depth=2, num_heads=4, caption_channels=32, model_max_length=12,
     spatial_prior_len=4, temporal_prior_len=3, st_prior_channel=8,
 )
 
