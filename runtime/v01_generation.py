@@ -38,6 +38,7 @@ import torch
 from javisrt.engine.errors import ConfigError, ShapeError
 from javisrt.engine.st_prior import STPrior, STPriorEstimator, split_prior
 from javisrt.engine.v01_model import VASTDiT3
+from javisrt.runtime.engine import as_torch
 from javisrt.runtime.latents import LatentGeometry, draw_noise, mel_frames
 from javisrt.runtime.sampling import SamplerConfig
 
@@ -166,12 +167,12 @@ class V01Denoiser:
     def __call__(self, inputs: list[np.ndarray], timesteps: np.ndarray) -> list[np.ndarray]:
         cfg = self.model.cfg
         device = self.y.device
-        tensors = [torch.from_numpy(np.asarray(x)).to(device) for x in inputs]
+        tensors = [as_torch(x).to(device) for x in inputs]
         if cfg.has_video:
             video, audio = tensors
         else:
             (audio,), video = tensors, None
-        t = torch.from_numpy(np.asarray(timesteps)).to(device)
+        t = as_torch(timesteps).to(device)
         x_mask = ax_mask = None
         if self.frame_masks:  # the reference's all-True T2AV masks (t0 computed, selected nowhere)
             if video is not None:
