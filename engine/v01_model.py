@@ -24,6 +24,11 @@ Numerics (``set_numerics``):
     and the sin-cos ``inv_freq`` rounded to bf16 (RoPE angles computed in bf16, the 2D embedding in fp32
     from the rounded frequencies, the 1D one in bf16 as ``int64 x bf16`` promotes); height/width/fps
     rounded to bf16 (they are bf16 tensors in the reference); the outputs cast to fp32.
+    Not bit-exact with the reference in two places, both sub-ulp-level roundings inside attention:
+    the seam's attention keeps fp32 accumulation and softmax throughout, where the reference's eager
+    ``Attention`` path (taken when a row has N <= B' tokens, e.g. every temporal and audio block)
+    rounds ``q·scale``, the logits and the probabilities to bf16; and RoPE is applied in fp32 from the
+    bf16 cos/sin tables and rounded once, where ``rotary_embedding_torch`` rounds each product in bf16.
 
 Attention goes through the op seam (``engine/ops.py``): ``ops.attention(q, k, v, rope)`` for the
 spatial/temporal self-attention (RoPE tables on temporal blocks), the text cross-attention (per
@@ -150,11 +155,13 @@ class ScalarEmbedder(nn.Module):
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
         """s [N] -> [N, hidden] in the weights' dtype (the sinusoid is fp32, then cast)."""
-        return self.mlp(timestep_sinusoid(s, self.freq_dim).to(self.mlp[0].weight.dtype))
+        return self.mlp(timestep_sinusoid(s, self.freq_dim).to(next(self.mlp.parameters()).dtype))
 
 
 class CaptionEmbedder(nn.Module):
     """``y_proj`` Mlp plus the learned null token(s) ``y_embedding`` (a buffer)."""
+
+    y_embedding: torch.Tensor
 
     def __init__(self, in_channels: int, hidden: int, tokens: int) -> None:
         super().__init__()
@@ -186,7 +193,7 @@ class PatchEmbed(nn.Module):
         super().__init__()
         self.patch = patch
         conv = nn.Conv3d if len(patch) == 3 else nn.Conv2d
-        self.proj = conv(in_channels, hidden, kernel_size=patch, stride=patch)
+        self.proj = conv(in_channels, hidden, kernel_size=patch, stride=patch)  # type: ignore[arg-type]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, Cin, *spatial] -> [B, prod(grid), C] (raster order)."""
