@@ -175,9 +175,16 @@ def test_rope_through_the_op_seam_matches_spec() -> None:
     ref = torch.softmax(qr @ kr.transpose(-1, -2) / math.sqrt(72), -1) @ v.transpose(1, 2)
     ref = ref.transpose(1, 2)
     assert_within(out, ref, 1e-4, "RoPE attention")
-    # non-interleaved (rotate_half over halves) would give different q
-    half = torch.cat([-q[..., 36:], q[..., :36]], dim=-1)
-    assert (qr.transpose(1, 2) - (q * 0 + half)).abs().max() > 0.1
+
+    # the "fixed" GPT-NeoX layout (pairs (i, i + D/2), rotate_half over halves) is another result
+    def neox(x: torch.Tensor) -> torch.Tensor:
+        inv = 1e4 ** (-torch.arange(0, 72, 2, dtype=torch.float64) / 72)
+        ang = torch.arange(30, dtype=torch.float64)[:, None] * inv
+        ang = torch.cat([ang, ang], dim=-1)
+        return x * ang.cos() + torch.cat([-x[..., 36:], x[..., :36]], dim=-1) * ang.sin()
+
+    other = torch.softmax(neox(q.transpose(1, 2)) @ neox(k.transpose(1, 2)).transpose(-1, -2) / math.sqrt(72), -1)
+    assert rel_err(out, (other @ v.transpose(1, 2)).transpose(1, 2)) > 1e-2
 
 
 def test_official_rope_angles_are_bf16() -> None:
@@ -441,3 +448,24 @@ def test_bad_inputs_raise_shape_errors() -> None:
         model(**{**inp, "mask": torch.zeros(2, 12, dtype=torch.long)})
     with pytest.raises(ShapeError):
         model(**inp, x_mask=torch.ones(2, 3, dtype=torch.bool))  # without ax_mask
+
+
+@pytest.mark.parametrize(("numerics", "freq_dtype"), [("fp32", torch.float32), ("official", torch.bfloat16)])
+def test_model_passes_the_numerics_frequency_dtype_to_the_sincos_embeddings(
+    numerics: str, freq_dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import javisrt.engine.v01_model as v01
+
+    seen: list[tuple[str, torch.dtype]] = []
+    for name in ("pos_embed_2d", "pos_embed_1d"):
+        original = getattr(v01, name)
+
+        def wrapper(*args, _name=name, _original=original):
+            seen.append((_name, args[-2]))
+            return _original(*args)
+
+        monkeypatch.setattr(v01, name, wrapper)
+    model = random_v01_model(V01Config.from_name("tiny"), numerics)
+    model(**_inputs())
+    assert sorted(seen) == [("pos_embed_1d", freq_dtype), ("pos_embed_2d", freq_dtype)]
+    assert model.rope.freqs.dtype == freq_dtype
