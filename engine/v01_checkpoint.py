@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
 SHARED_NULL_CAPTION = "audio_y_embedder.y_embedding"
 GATE_SUFFIXES = (".gamma_m1", ".gamma_m2")
-TRAINED_GATES_OPTION = "trained_gates=True (CLI: --v01-trained-gates)"
+TRAINED_GATES_OPTION = "load_v01_model(..., trained_gates=True)"
 PRIOR_IGNORED_PREFIXES = (
     "text_encoder.",  # ImageBind, registered inside STIBPriorExtractor
     # encode_va=True training parts (v01-spec §4)
