@@ -28,6 +28,7 @@ continues with another batch).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -97,7 +98,7 @@ def draw_v01_noise(
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(int(seed))
     if audio_only:
-        geometry = LatentGeometry(**{**geometry.__dict__, "video": None})
+        geometry = dataclasses.replace(geometry, video=None)
     video, audio = draw_noise(geometry, seed, batch, device, generator=gen)
     assert audio is not None
     cpu_gen = gen if device.type == "cpu" else torch.Generator().manual_seed(int(seed))

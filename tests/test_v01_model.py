@@ -274,7 +274,7 @@ def _inputs(b: int = 2, cfg: V01Config | None = None, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     mask = torch.zeros(b, cfg.model_max_length, dtype=torch.long)
     mask[:, :5] = 1
-    mask[1, :8] = 1
+    mask[-1, :8] = 1
     return dict(
         video=torch.randn(b, 4, 3, 6, 7, generator=g), audio=torch.randn(b, 8, 10, 16, generator=g),
         timestep=torch.full((b,), 640.0), y=torch.randn(b, 1, cfg.model_max_length, cfg.caption_channels, generator=g),
@@ -386,7 +386,8 @@ def test_official_numerics_close_to_fp32_at_a_representable_t() -> None:
 
 def test_triton_ops_match_torch_ops_fp32() -> None:
     model = random_v01_model(V01Config.from_name("tiny"))
-    inp = _inputs()
+    inp = _inputs(b=1)  # one sample keeps the Triton interpreter quick
+    inp.update(video=inp["video"][:, :, :2], audio=inp["audio"][:, :, :8])
     with torch.no_grad():
         ref = model(**inp)
         out = model.set_ops("triton")(**inp)
