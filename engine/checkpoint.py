@@ -25,7 +25,7 @@ import os
 import pickle
 import re
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,7 +94,13 @@ def read_sharded(directory: Path) -> StateDict:
                 f"{directory} has no *.index.json and {len(files)} weight files; expected an index or one file"
             )
         return read_tensor_file(files[0])
-    index_path = indexes[0]
+    return read_indexed(indexes[0])
+
+
+def read_indexed(index_path: Path) -> StateDict:
+    """A state dict from a ``*.index.json`` (``weight_map``: key -> shard file in the same directory);
+    every shard must hold exactly the keys the index lists for it."""
+    directory = index_path.parent
     try:
         index = json.loads(index_path.read_text())
         weight_map = index["weight_map"]
@@ -372,11 +378,16 @@ def save_model(model: JavisDiT, path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     metadata = {"format": JAVISRT_FORMAT, "format_version": JAVISRT_FORMAT_VERSION, "config": model.cfg.to_json()}
+    return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+
+
+def atomic_write(path: Path, write: Callable[[str], object]) -> Path:
+    """``write(tmp)`` a sibling temporary file, then rename it onto ``path`` (no half-written file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(state, tmp, metadata=metadata)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -11,7 +11,7 @@ import dataclasses
 import enum
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 from javisrt.engine.errors import ConfigError
 
@@ -36,8 +36,36 @@ class AudioPosMode(enum.StrEnum):
     INTERPOLATE = "interpolate"
 
 
+class ConfigDict:
+    """JSON round trip of a frozen config dataclass's constructor fields (shared by every network config:
+    ``JavisConfig`` here, ``V01Config`` and ``STPriorConfig`` for JavisDiT v0.1)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Constructor arguments as plain JSON types (for checkpoint and engine metadata)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            if not f.init:
+                continue
+            value = getattr(self, f.name)
+            out[f.name] = value.value if isinstance(value, enum.Enum) else (
+                list(value) if isinstance(value, tuple) else value
+            )
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        names = {f.name for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+        unknown = set(data) - names
+        if unknown:
+            raise ConfigError(f"unknown config fields {sorted(unknown)}")
+        return cls(**data)
+
+
 @dataclass(frozen=True)
-class JavisConfig:
+class JavisConfig(ConfigDict):
     """Shapes of the DiT. ``model_type`` says which branches exist (t2av: video + audio; t2v: video)."""
 
     name: str
@@ -120,29 +148,6 @@ class JavisConfig:
         except KeyError:
             raise ConfigError(f"unknown preset {name!r}; known: {sorted(PRESETS)}") from None
         return dataclasses.replace(base, **overrides) if overrides else base
-
-    def to_dict(self) -> dict[str, Any]:
-        """Constructor arguments as plain JSON types (for checkpoint and engine metadata)."""
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            if not f.init:
-                continue
-            value = getattr(self, f.name)
-            out[f.name] = value.value if isinstance(value, enum.Enum) else (
-                list(value) if isinstance(value, tuple) else value
-            )
-        return out
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> JavisConfig:
-        names = {f.name for f in dataclasses.fields(cls) if f.init}
-        unknown = set(data) - names
-        if unknown:
-            raise ConfigError(f"unknown config fields {sorted(unknown)}")
-        return cls(**data)
 
 
 PRESETS: dict[str, JavisConfig] = {

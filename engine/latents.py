@@ -146,9 +146,9 @@ def video_latent_size(num_frames: int, height: int, width: int) -> tuple[int, in
     return t, h8, w8
 
 
-def mel_frames(num_frames: int) -> int:
-    """Padded mel length: int(F/16/0.01) rounded up to a multiple of 32 (AudioLDM2.prepare_latents)."""
-    raw = int(num_frames / FPS / 0.01)
+def mel_frames(num_frames: int, fps: int = FPS) -> int:
+    """Padded mel length: int(F/fps/0.01) rounded up to a multiple of 32 (AudioLDM2.prepare_latents)."""
+    raw = int(num_frames / fps / 0.01)
     return math.ceil(raw / MEL_PAD_MULTIPLE) * MEL_PAD_MULTIPLE
 
 
@@ -179,16 +179,22 @@ def latent_geometry(
 
 
 def draw_noise(
-    geometry: LatentGeometry, seed: int, batch: int = 1, device: torch.device | str = "cpu"
+    geometry: LatentGeometry,
+    seed: int,
+    batch: int = 1,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Initial noise as the reference draws it: one generator seeded with ``seed``, the video noise
     ``randn([B,16,T,H8,W8], bf16)`` first, then the audio noise ``randn([B,8,Tm4,16], bf16)``.
 
     Returned as fp32 (the bf16 values, exactly) for the fp32 sampling loop. Seeds reproduce the
-    reference's noise on the same device type (CPU and CUDA generators differ).
+    reference's noise on the same device type (CPU and CUDA generators differ). ``generator``: draw
+    from this already seeded generator instead (``seed`` is then unused), for callers that keep drawing
+    from it afterwards (JavisDiT v0.1 draws its prior noise next).
     """
     device = torch.device(device)
-    gen = torch.Generator(device=device).manual_seed(int(seed))
+    gen = generator if generator is not None else torch.Generator(device=device).manual_seed(int(seed))
     video = audio = None
     if geometry.video is not None:
         video = torch.randn((batch, *geometry.video), generator=gen, dtype=torch.bfloat16, device=device).float()
