@@ -40,7 +40,7 @@ from javisrt.engine.errors import ConfigError, ShapeError
 from javisrt.engine.st_prior import STPrior, STPriorEstimator, split_prior
 from javisrt.engine.v01_model import VASTDiT3
 from javisrt.runtime.engine import as_torch
-from javisrt.runtime.latents import LatentGeometry, draw_noise, mel_frames
+from javisrt.engine.latents import LatentGeometry, draw_noise, mel_frames
 from javisrt.runtime.sampling import SamplerConfig
 
 V01_STEPS = 30

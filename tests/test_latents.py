@@ -1,4 +1,4 @@
-"""runtime/latents.py against the numbers written in model-spec.md §6.1 and §7 (not recomputed)."""
+"""engine/latents.py against the numbers written in model-spec.md §6.1 and §7 (not recomputed)."""
 
 from __future__ import annotations
 
