@@ -25,7 +25,6 @@ import math
 import os
 import pickle
 import re
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from javisrt.engine.atomic_file import atomic_file
 from javisrt.engine.config import JavisConfig
 from javisrt.engine.errors import CheckpointError, ConfigError
 from javisrt.engine.model import JavisDiT, Numerics, build_model, enable_tf32
@@ -435,12 +435,6 @@ def save_model(model: JavisDiT, path: str | os.PathLike[str]) -> Path:
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     metadata = {"format": JAVISRT_FORMAT, "format_version": JAVISRT_FORMAT_VERSION, "config": model.cfg.to_json()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         save_file(state, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path

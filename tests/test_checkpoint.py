@@ -211,6 +211,9 @@ def test_javisrt_file_round_trip_keeps_config(tmp_path: Path) -> None:
     model = tiny_model(num_layers=1, audio_pos_mode="interleave")
     path = save_model(model, tmp_path / "out" / "dit.safetensors")
     assert [p.name for p in path.parent.iterdir()] == ["dit.safetensors"]  # no temp file left
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # the mode any user file gets, not mkstemp's 0600
     loaded = load_model(path, numerics="fp32")
     assert loaded.cfg == model.cfg
     with torch.no_grad():
