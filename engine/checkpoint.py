@@ -25,7 +25,7 @@ import math
 import os
 import pickle
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,7 +188,7 @@ _PEFT_DEFAULT_R = 8
 _PEFT_DEFAULT_ALPHA = 8
 
 
-def _pattern_value(patterns: dict[str, float], module: str, default: float) -> tuple[float, str | None]:
+def _pattern_value(patterns: Mapping[str, float], module: str, default: float) -> tuple[float, str | None]:
     """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup (``peft.utils.other.get_pattern_key``): the
     first key that matches the end of the module name (regex ``key`` after a dot or at the start);
     else ``default``."""
