@@ -38,11 +38,16 @@ def seed() -> int:
     return value
 
 
+def tensorrt_present() -> bool:
+    """Whether real TensorRT is importable. A namespace-only ``tensorrt`` (the one tensorrt-stubs, a
+    test dependency, leaves: it ships no ``__init__.py``) is not TensorRT."""
+    spec = importlib.util.find_spec("tensorrt")
+    return spec is not None and spec.origin is not None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     has_gpu = torch.cuda.is_available()
-    # A namespace-only "tensorrt" (e.g. left by tensorrt-stubs, which ships no __init__.py) is not TensorRT.
-    spec = importlib.util.find_spec("tensorrt")
-    has_trt = spec is not None and spec.origin is not None
+    has_trt = tensorrt_present()
     for item in items:
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU; the dev/CI machines have none"))
