@@ -64,7 +64,8 @@ def enable_tf32() -> None:
     """TF32 for fp32 matmuls (cuBLAS) and cuDNN convolutions, process-wide, as the reference's
     inference script sets it (``allow_tf32 = True`` for both). It changes CUDA fp32 math only: on
     Ampere and later the fp32 islands and the LoRA merge of ``official`` numerics then round their
-    matmul inputs to TF32 like the reference; CPU computation is unaffected.
+    matmul inputs to TF32 like the reference; CPU computation is unaffected. Nothing turns it off
+    again: an ``fp32``-numerics model on CUDA in the same process then runs its matmuls in TF32 too.
     """
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
