@@ -193,8 +193,11 @@ def _pattern_value(patterns: Mapping[str, float], module: str, default: float) -
     first key that matches the end of the module name (regex ``key`` after a dot or at the start);
     else ``default``."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value, key
+        try:
+            if re.match(rf"(.*\.)?({key})$", module):
+                return value, key
+        except re.error as exc:
+            raise CheckpointError(f"LoRA adapter_config.json: pattern {key!r} is not a valid regex: {exc}") from exc
     return default, None
 
 

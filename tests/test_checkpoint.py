@@ -157,6 +157,9 @@ def test_lora_rank_disagreeing_with_the_tensors(tmp_path: Path) -> None:
     _rewrite_adapter_config(tmp_path, r=4, rank_pattern={"audio_ffn.2": 16})
     with pytest.raises(CheckpointError, match=r"blocks\.0\.audio_ffn\.2: .*rank_pattern\['audio_ffn\.2'\] = 16, .* rank 4"):
         load_model(tmp_path, config="tiny")
+    _rewrite_adapter_config(tmp_path, rank_pattern={"ffn.(0": 4})
+    with pytest.raises(CheckpointError, match="not a valid regex"):
+        load_model(tmp_path, config="tiny")
 
 
 def test_official_layout_reproduces_in_memory_outputs(official: tuple[Path, JavisDiT]) -> None:
