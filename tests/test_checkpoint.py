@@ -129,6 +129,25 @@ def test_official_lora_merge_order_equals_peft_on_a_bf16_model(tmp_path: Path) -
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+@pytest.mark.gpu
+def test_official_lora_merge_on_cuda_equals_peft_with_tf32(tmp_path: Path) -> None:
+    """On CUDA the reference merges on the device with TF32 on; load_model(device="cuda") does the same."""
+    base = tiny_model()
+    write_sharded(tmp_path / "model", base.state_dict())
+    torch.backends.cuda.matmul.allow_tf32 = True  # the reference's inference script (conftest restores it)
+    peft_model = get_peft_model(copy.deepcopy(base).to("cuda", torch.bfloat16),
+                                LoraConfig(r=4, lora_alpha=16, target_modules=LORA_TARGETS, lora_dropout=0.0))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.2)
+    peft_model.save_pretrained(tmp_path / "lora")
+    expect = peft_model.merge_and_unload().state_dict()
+    loaded = load_model(tmp_path, config="tiny", device="cuda").state_dict()
+    for k in (k for k in expect if any(k.endswith(t + ".weight") for t in LORA_TARGETS)):
+        assert torch.equal(loaded[k], expect[k]), k
+
+
 def test_lora_rank_and_alpha_patterns_equal_peft(tmp_path: Path) -> None:
     """PEFT's per-module rank_pattern / alpha_pattern (regex on the module name's end) are honoured."""
     config = LoraConfig(r=4, lora_alpha=16, target_modules=LORA_TARGETS, lora_dropout=0.0,
