@@ -12,10 +12,11 @@ install: $(PKG)
 
 # Pinned third-party set. torch==2.13.0 is the local CPU wheel; constraints.txt keeps every later
 # resolution from replacing it (a newer torch would pull several GB of CUDA wheels).
-$(DEPS): requirements.txt requirements-test.txt constraints.txt
+$(DEPS): requirements.txt requirements-test.txt requirements-stubs.txt constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -r requirements.txt -r requirements-test.txt -c constraints.txt
+	$(BIN)/pip install --no-deps -r requirements-stubs.txt -c constraints.txt
 	$(BIN)/python -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('2.13.0') else 'torch ' + v + ' is not the pinned 2.13.0')"
 	touch $@
 

@@ -6,6 +6,7 @@ Layouts read by :func:`load_model`:
                  ``.safetensors`` or ``.bin`` shards (ColossalAI's ``GeneralCheckpointIO``)
         lora/    optional PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors|.bin``),
                  merged as ``W += (alpha / r) * B @ A`` like ``PeftModel.merge_and_unload()``
+                 (in ``official`` numerics on the bf16-rounded weight, as the reference merges)
   (b) Wan2.1 ``diffusion_pytorch_model.safetensors`` (single file or sharded with an index; original
       Wan names or diffusers' ``WanTransformer3DModel`` names, which are mapped back, §5.3)
   (c) javisrt's own single-file safetensors (:func:`save_model`), which carries the config.
@@ -24,8 +25,7 @@ import math
 import os
 import pickle
 import re
-import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,9 +33,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from javisrt.engine.atomic_file import atomic_file
 from javisrt.engine.config import JavisConfig
 from javisrt.engine.errors import CheckpointError, ConfigError
-from javisrt.engine.model import JavisDiT, Numerics, build_model
+from javisrt.engine.model import JavisDiT, Numerics, build_model, enable_tf32
 
 log = logging.getLogger(__name__)
 
@@ -185,16 +186,34 @@ class LoraAdapter:
     """A PEFT LoRA adapter: per target module the (A [r, in], B [out, r]) pair and its scale."""
 
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    alpha: float
-    use_rslora: bool
+    scales: dict[str, float]
 
-    def scale(self, rank: int) -> float:
-        """PEFT's scaling: alpha / r, or alpha / sqrt(r) with rsLoRA (released: 16 / 64 = 0.25)."""
-        return self.alpha / math.sqrt(rank) if self.use_rslora else self.alpha / rank
+
+# PEFT's LoraConfig defaults, for keys an adapter_config.json leaves out.
+_PEFT_DEFAULT_R = 8
+_PEFT_DEFAULT_ALPHA = 8
+
+
+def _pattern_value(patterns: Mapping[str, float], module: str, default: float) -> tuple[float, str | None]:
+    """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup (``peft.utils.other.get_pattern_key``): the
+    first key that matches the end of the module name (regex ``key`` after a dot or at the start);
+    else ``default``."""
+    for key, value in patterns.items():
+        try:
+            if re.match(rf"(.*\.)?({key})$", module):
+                return value, key
+        except re.error as exc:
+            raise CheckpointError(f"LoRA adapter_config.json: pattern {key!r} is not a valid regex: {exc}") from exc
+    return default, None
 
 
 def read_lora(directory: Path) -> LoraAdapter:
-    """Read ``adapter_config.json`` + ``adapter_model.{safetensors,bin}`` from a PEFT save."""
+    """Read ``adapter_config.json`` + ``adapter_model.{safetensors,bin}`` from a PEFT save.
+
+    Each module's rank and alpha are PEFT's: ``rank_pattern`` / ``alpha_pattern`` where a key
+    matches, else ``r`` / ``lora_alpha``. A rank the config gives that the tensors do not have is a
+    :class:`CheckpointError` naming both (merging with the tensors' rank would silently rescale it).
+    """
     config_path = directory / "adapter_config.json"
     try:
         config = json.loads(config_path.read_text())
@@ -202,9 +221,10 @@ def read_lora(directory: Path) -> LoraAdapter:
         raise CheckpointError(f"LoRA directory {directory} has no adapter_config.json") from exc
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"invalid {config_path}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise CheckpointError(f"invalid {config_path}: not a JSON object")
     unsupported = {
         "use_dora": bool(config.get("use_dora")),
-        "alpha_pattern": bool(config.get("alpha_pattern")),
         "modules_to_save": bool(config.get("modules_to_save")),
         "fan_in_fan_out": bool(config.get("fan_in_fan_out")),
         "bias != none": config.get("bias", "none") != "none",
@@ -214,6 +234,14 @@ def read_lora(directory: Path) -> LoraAdapter:
         raise NotImplementedError(f"LoRA merge does not implement adapter features {names} ({config_path})")
     if config.get("peft_type", "LORA") != "LORA":
         raise CheckpointError(f"{config_path}: peft_type {config.get('peft_type')!r} is not LORA")
+    try:
+        r = int(config.get("r", _PEFT_DEFAULT_R))
+        alpha = float(config.get("lora_alpha", _PEFT_DEFAULT_ALPHA))
+        rank_pattern = {str(k): int(v) for k, v in (config.get("rank_pattern") or {}).items()}
+        alpha_pattern = {str(k): float(v) for k, v in (config.get("alpha_pattern") or {}).items()}
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"invalid {config_path}: r, lora_alpha, rank_pattern or alpha_pattern: {exc}") from exc
+    use_rslora = bool(config.get("use_rslora", False))
     files = [directory / n for n in ("adapter_model.safetensors", "adapter_model.bin") if (directory / n).is_file()]
     if not files:
         raise CheckpointError(f"LoRA directory {directory} has no adapter_model.safetensors or adapter_model.bin")
@@ -224,19 +252,46 @@ def read_lora(directory: Path) -> LoraAdapter:
         if match is None:
             raise CheckpointError(f"unexpected tensor {key!r} in LoRA adapter {files[0]}")
         halves.setdefault(match["module"], {})[match["which"]] = value
-    pairs = {}
+    pairs, scales = {}, {}
     for module, ab in halves.items():
         if set(ab) != {"A", "B"}:
             raise CheckpointError(f"LoRA adapter has only lora_{''.join(ab)} for {module}")
         a, b = ab["A"], ab["B"]
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
             raise CheckpointError(f"LoRA {module}: A {tuple(a.shape)} and B {tuple(b.shape)} do not pair")
+        rank, rank_key = _pattern_value(rank_pattern, module, r)
+        if a.shape[0] != rank:
+            source = f"rank_pattern[{rank_key!r}]" if rank_key is not None else "r"
+            raise CheckpointError(
+                f"LoRA {module}: {config_path.name} gives rank {source} = {int(rank)}, but its tensors in "
+                f"{files[0].name} have rank {a.shape[0]} (A {tuple(a.shape)}, B {tuple(b.shape)})"
+            )
+        module_alpha, _ = _pattern_value(alpha_pattern, module, alpha)
+        # PEFT's scaling: alpha / r, or alpha / sqrt(r) with rsLoRA (released: 16 / 64 = 0.25)
+        scales[module] = module_alpha / math.sqrt(rank) if use_rslora else module_alpha / rank
         pairs[module] = (a, b)
-    return LoraAdapter(pairs, float(config["lora_alpha"]), bool(config.get("use_rslora", False)))
+    return LoraAdapter(pairs, scales)
 
 
-def merge_lora(state: StateDict, adapter: LoraAdapter) -> None:
-    """In place: ``W <- W + scale * B @ A`` for every adapted Linear, computed in fp32, stored in W's dtype."""
+def merge_lora(
+    state: StateDict,
+    adapter: LoraAdapter,
+    numerics: Numerics | str = Numerics.FP32,
+    device: torch.device | str = "cpu",
+) -> None:
+    """In place: ``W <- W + scale * B @ A`` for every adapted Linear; ``delta = (B @ A) * scale`` in fp32.
+
+    ``fp32`` numerics: one rounding, ``fp32(W + delta)``, kept in fp32.
+    ``official``: what the reference computes. Its inference script casts the model to bf16 *before*
+    ``PeftModel.from_pretrained(...).merge_and_unload()``; PEFT keeps the adapter in fp32 and adds
+    the fp32 delta into the bf16 weight in place, so each merged weight is ``bf16(bf16(W) + delta)``.
+    On CUDA the product runs on ``device`` with TF32 on, as the reference's merge does.
+    """
+    numerics = Numerics(numerics)
+    device = torch.device(device)
+    official = numerics is Numerics.OFFICIAL
+    if official and device.type == "cuda":
+        enable_tf32()
     for module, (a, b) in adapter.pairs.items():
         key = f"{module}.weight"
         if key not in state:
@@ -246,8 +301,11 @@ def merge_lora(state: StateDict, adapter: LoraAdapter) -> None:
             raise CheckpointError(
                 f"LoRA {module}: B@A is {(b.shape[0], a.shape[1])}, the weight is {tuple(w.shape)}"
             )
-        delta = (b.float() @ a.float()) * adapter.scale(a.shape[0])
-        state[key] = (w.float() + delta).to(w.dtype)
+        delta = ((b.to(device, torch.float32) @ a.to(device, torch.float32)) * adapter.scales[module]).cpu()
+        if official:
+            state[key] = (w.to(torch.bfloat16).float() + delta).to(torch.bfloat16)
+        else:
+            state[key] = w.float() + delta
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -294,8 +352,13 @@ def _split_embedded_lora(state: StateDict, have_lora_dir: bool, where: Path) -> 
     return {k: v for k, v in state.items() if k not in lora_keys}
 
 
-def read_checkpoint(path: str | os.PathLike[str]) -> tuple[StateDict, JavisConfig | None]:
-    """Read any supported layout into a Wan/JavisDiT-named state dict (LoRA merged).
+def read_checkpoint(
+    path: str | os.PathLike[str],
+    numerics: Numerics | str = Numerics.FP32,
+    device: torch.device | str = "cpu",
+) -> tuple[StateDict, JavisConfig | None]:
+    """Read any supported layout into a Wan/JavisDiT-named state dict (LoRA merged for ``numerics``
+    on ``device``, see :func:`merge_lora`; the state dict stays on the CPU).
 
     Returns the state dict and the config stored with it (javisrt files only, else None).
     """
@@ -308,7 +371,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[StateDict, JavisConfi
         state = _split_embedded_lora(state, lora_dir.is_dir(), path / "model")
         if lora_dir.is_dir():
             adapter = read_lora(lora_dir)
-            merge_lora(state, adapter)
+            merge_lora(state, adapter, numerics, device)
             log.info("merged LoRA from %s: %d modules", lora_dir, len(adapter.pairs))
         return state, None
     if path.is_dir():
@@ -360,7 +423,7 @@ def load_model(
     ``config``: a preset name or config; default: the one stored in a javisrt file, else
     ``javisdit-v1.0`` when the weights have an audio branch and ``wan2.1-t2v-1.3b`` when not.
     """
-    state, stored = read_checkpoint(path)
+    state, stored = read_checkpoint(path, numerics, device)
     if config is None:
         config = stored or ("javisdit-v1.0" if "audio_patch_embedding.weight" in state else "wan2.1-t2v-1.3b")
     cfg = JavisConfig.from_name(config) if isinstance(config, str) else config
@@ -368,9 +431,11 @@ def load_model(
     check_state_dict(model, state)
     model.load_state_dict(state, strict=True, assign=True)
     del state
-    model.set_numerics(numerics)
-    model.requires_grad_(False).eval()
-    return model.to(device)
+    model.set_numerics(numerics)  # before the move: only the final dtypes go to the device
+    model.requires_grad_(False).eval().to(device)
+    if model.numerics is Numerics.OFFICIAL and model.patch_embedding.weight.is_cuda:
+        enable_tf32()
+    return model
 
 
 def save_model(model: JavisDiT, path: str | os.PathLike[str]) -> Path:
@@ -378,18 +443,7 @@ def save_model(model: JavisDiT, path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     metadata = {"format": JAVISRT_FORMAT, "format_version": JAVISRT_FORMAT_VERSION, "config": model.cfg.to_json()}
-    return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
-
-
-def atomic_write(path: Path, write: Callable[[str], object]) -> Path:
-    """``write(tmp)`` a sibling temporary file, then rename it onto ``path`` (no half-written file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        save_file(state, tmp, metadata=metadata)
     return path

@@ -17,9 +17,20 @@ Numerics (``set_numerics``):
   * ``"fp32"``: everything in fp32; the clean reference, equal to diffusers' Wan on the video path.
   * ``"official"``: the JavisDiT code's bf16 behaviour, which the checkpoint was trained with
     (model-spec.md §3.4): bf16 weights and activations; the timestep rounded to bf16 before the
-    sinusoid; LayerNorms, modulation, gate and residual in bf16; RMSNorm statistics in fp32; RoPE
-    in fp32 (the reference uses complex128) with the result cast back to bf16; the time embedding,
-    time projections and both heads run in fp32 (``FP32_MODULES``) with bf16-rounded weights.
+    sinusoid; block LayerNorms, modulation, gate and residual in bf16; RMSNorm statistics in fp32;
+    RoPE angles and rotation in float64 (the reference's complex128 ``mmrope_apply``) with the result
+    cast back to bf16; the time embedding, time projections and both heads in fp32
+    (``FP32_MODULES``) with bf16-rounded weights. On CUDA it also turns TF32 on (:func:`enable_tf32`).
+
+The fp32 islands copy what the reference computes under ``torch.cuda.amp.autocast(dtype=float32)``
+on its bf16 model, op by op against CUDA autocast's lists:
+  * time embedding: the sinusoid is float64 (autocast never casts float64), then ``.float()``;
+    ``Linear`` (autocast's matmul list) runs in fp32 on the bf16 weights upcast; SiLU follows type
+    promotion, so fp32. ``e`` and ``e0``/``ae0`` leave fp32; the blocks cast ``e0``/``ae0`` to bf16.
+  * heads: ``modulation + e`` is bf16 + fp32 -> fp32 (promotion); the head LayerNorm is on
+    autocast's fp32 list, so it normalises the bf16 activations *in fp32*; the modulate is fp32 by
+    promotion; ``Linear`` fp32.
+  * with TF32 on (the reference's inference script sets it), those fp32 matmuls run in TF32.
 
 The per-op implementation ("torch" or "triton") is chosen at one seam, ``engine/ops.py``.
 """
@@ -47,6 +58,17 @@ FP32_MODULES = ("time_embedding", "time_projection", "audio_time_projection", "h
 class Numerics(enum.StrEnum):
     FP32 = "fp32"
     OFFICIAL = "official"
+
+
+def enable_tf32() -> None:
+    """TF32 for fp32 matmuls (cuBLAS) and cuDNN convolutions, process-wide, as the reference's
+    inference script sets it (``allow_tf32 = True`` for both). It changes CUDA fp32 math only: on
+    Ampere and later the fp32 islands and the LoRA merge of ``official`` numerics then round their
+    matmul inputs to TF32 like the reference; CPU computation is unaffected. Nothing turns it off
+    again: an ``fp32``-numerics model on CUDA in the same process then runs its matmuls in TF32 too.
+    """
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -192,8 +214,10 @@ class Head(nn.Module):
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """x [B, N, d] (activation dtype), e [B, d] fp32 -> [B, N, out_dim] fp32."""
         shift, scale = (self.modulation + e[:, None, :]).chunk(2, dim=1)
-        # LayerNorm in the activation dtype (JavisDiT), the rest in fp32 (autocast island).
-        y = F.layer_norm(x, (x.shape[-1],), eps=self.eps).float() * (1 + scale) + shift
+        # fp32 autocast island: CUDA autocast computes layer_norm in fp32 (float64 is never cast), so
+        # the bf16 activations are normalised in fp32, unlike the blocks' bf16 LayerNorms.
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        y = F.layer_norm(xf, (x.shape[-1],), eps=self.eps) * (1 + scale) + shift
         return self.head(y)
 
 
@@ -238,7 +262,7 @@ class JavisDiT(nn.Module):
             self.audio_head = Head(d, cfg.audio_patch_out, cfg.eps)
         self.numerics = Numerics.FP32
         self._ops: OpSet = get_ops(ops)
-        self._rope_cache: dict[tuple[TokenGrid, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rope_cache: dict[tuple[TokenGrid, str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ---- configuration -------------------------------------------------------------------------
     @property
@@ -259,7 +283,8 @@ class JavisDiT(nn.Module):
         """``"fp32"``: all fp32. ``"official"``: bf16 with the fp32 islands of ``FP32_MODULES``.
 
         Official mode first rounds *every* weight to bf16 (the reference runs a bf16 model), then
-        upcasts the islands, so their values stay bf16-representable as in the reference.
+        upcasts the islands, so their values stay bf16-representable as in the reference. A model
+        on CUDA also gets TF32 (:func:`enable_tf32`); move the model before calling this.
         """
         mode = Numerics(mode)
         if mode is Numerics.FP32:
@@ -271,6 +296,8 @@ class JavisDiT(nn.Module):
                 if module is not None:
                     module.float()
             self._assert_fp32_islands()
+            if self.patch_embedding.weight.is_cuda:
+                enable_tf32()
         self.numerics = mode
         return self
 
@@ -320,11 +347,18 @@ class JavisDiT(nn.Module):
         return TokenGrid(vgrid, agrid)
 
     def rope(self, grid: TokenGrid, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) [L, head_dim/2] fp32 for ``grid``, built once per shape and device."""
-        key = (grid, str(device))
+        """(cos, sin) [L, head_dim/2] for ``grid``, built once per shape, device and dtype.
+
+        fp32 tables in ``fp32`` numerics; float64 in ``official``, where the reference rotates in
+        complex128 (float64 positions and frequencies, ``mmrope_apply``).
+        """
+        dtype = torch.float64 if self.numerics is Numerics.OFFICIAL else torch.float32
+        key = (grid, str(device), dtype)
         if key not in self._rope_cache:
             cfg = self.cfg
-            self._rope_cache[key] = rope_cos_sin(grid, cfg.audio_pos_mode, cfg.rope_axis_dims, cfg.rope_theta, device)
+            self._rope_cache[key] = rope_cos_sin(
+                grid, cfg.audio_pos_mode, cfg.rope_axis_dims, cfg.rope_theta, device, dtype
+            )
         return self._rope_cache[key]
 
     # ---- forward, in stages (the export and the benchmark call them separately) ------------------

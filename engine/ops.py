@@ -6,7 +6,7 @@ implementation. Every op computes in the dtype of its inputs (the model decides 
 
 Layouts (B batch, L tokens, H heads, D head_dim, d = H*D model width):
   q, k, v        [B, L, H, D]
-  rope cos/sin   [L, D/2] fp32; pair j of a head is channels (2j, 2j+1) (the complex view of Wan/JavisDiT)
+  rope cos/sin   [L, D/2] fp32 (float64 in official numerics); pair j of a head is channels (2j, 2j+1) (the complex view of Wan/JavisDiT)
   x              [B, L, d]; tokens [0, Lv) are video, [Lv, L) audio
   shift/scale/gate  [B, 1, d]
 """
@@ -87,10 +87,11 @@ def modulate_ref(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps:
 def apply_rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate channel pairs (2j, 2j+1) of every head by the per-token angle table.
 
-    x [B, L, H, D], cos/sin [L, D/2] fp32 -> [B, L, H, D] in x's dtype. Equals multiplying the complex
-    view of x by exp(i*angle) (JavisDiT ``mmrope_apply``, which does it in complex128 then casts back).
+    x [B, L, H, D], cos/sin [L, D/2] fp32 or float64 -> [B, L, H, D] in x's dtype. Equals multiplying
+    the complex view of x by exp(i*angle), computed in the tables' precision (at least fp32): float64
+    tables give JavisDiT's ``mmrope_apply``, which does it in complex128 then casts back.
     """
-    xf = x.float().unflatten(-1, (-1, 2))
+    xf = x.to(torch.promote_types(cos.dtype, torch.float32)).unflatten(-1, (-1, 2))
     x0, x1 = xf[..., 0], xf[..., 1]
     c = cos[None, :, None, :]
     s = sin[None, :, None, :]

@@ -12,8 +12,9 @@ checkpoint was trained with the ceil, so we use exactly that (same linspace algo
 
 The head's 64 channel pairs are split over the axes as [22, 21, 21] (for head_dim 128); pair j of
 an axis with D real channels turns at ``inv_freq_j = theta^(-2j/D)``. Tables are built in float64 and
-stored as fp32 [L, head_dim/2]; nothing complex-valued, nothing per-sample, so the same tables feed
-eager PyTorch, the Triton kernels and ONNX export.
+stored as [L, head_dim/2], fp32 (or float64 for ``official`` numerics, the reference's complex128
+precision); nothing complex-valued, nothing per-sample, so the same tables feed eager PyTorch, the
+Triton kernels and ONNX export.
 """
 
 from __future__ import annotations
@@ -118,7 +119,12 @@ def rope_cos_sin(
     axis_dims: tuple[int, int, int],
     theta: float,
     device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables for ``grid``: two [L, head_dim/2] fp32 tensors on ``device``."""
+    """cos and sin tables for ``grid``: two [L, head_dim/2] tensors of ``dtype`` on ``device``.
+
+    The angles are float64; ``dtype=torch.float64`` keeps the reference's complex128 precision
+    (``official`` numerics), fp32 is what the kernels and the exported graphs take.
+    """
     angles = rope_angles(ta_rope_positions(grid, mode), axis_dims, theta)
-    return angles.cos().float().to(device), angles.sin().float().to(device)
+    return angles.cos().to(device, dtype), angles.sin().to(device, dtype)

@@ -30,7 +30,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from javisrt.engine.checkpoint import StateDict, atomic_write, check_state_dict, read_indexed, read_tensor_file
+from javisrt.engine.atomic_file import atomic_file
+from javisrt.engine.checkpoint import StateDict, check_state_dict, read_indexed, read_tensor_file
 from javisrt.engine.errors import CheckpointError, ConfigError
 from javisrt.engine.model import Numerics
 from javisrt.engine.st_prior import STPriorEstimator, build_st_prior
@@ -274,15 +275,19 @@ def save_pretrained(
         size += nbytes
     meta = {"format": "pt"}
     if len(shards) == 1:
-        atomic_write(directory / "model.safetensors", lambda tmp: save_file(shards[0], tmp, metadata=meta))
+        with atomic_file(directory / "model.safetensors") as tmp:
+            save_file(shards[0], tmp, metadata=meta)
     else:
         weight_map = {}
         for i, shard in enumerate(shards):
             name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            atomic_write(directory / name, lambda tmp, shard=shard: save_file(shard, tmp, metadata=meta))  # type: ignore[misc]
+            with atomic_file(directory / name) as tmp:
+                save_file(shard, tmp, metadata=meta)
             weight_map.update(dict.fromkeys(shard, name))
         index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
                  "weight_map": weight_map}
-        atomic_write(directory / "model.safetensors.index.json", lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2)))
-    atomic_write(directory / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+        with atomic_file(directory / "model.safetensors.index.json") as tmp:
+            tmp.write_text(json.dumps(index, indent=2))
+    with atomic_file(directory / "config.json") as tmp:
+        tmp.write_text(json.dumps(config, indent=2))
     return directory

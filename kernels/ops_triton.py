@@ -36,6 +36,10 @@ class TritonOps:
         v: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> torch.Tensor:
+        # The kernel rotates in fp32: float64 tables (official numerics) are rounded to fp32 here,
+        # a 4e-4-relative difference from the reference's complex128 RoPE at the released width.
+        if rope is not None and rope[0].dtype != torch.float32:
+            rope = (rope[0].float(), rope[1].float())
         return rope_attention(q, k, v, rope)
 
     def modality_ffn(

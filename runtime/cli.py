@@ -54,6 +54,35 @@ def _safe_stem(value: str) -> str:
     return stem[:100] or "sample"
 
 
+def _read_prompt_csv(path: Path) -> list[tuple[str | None, str, str | None]]:
+    """(id, text, audio_text) rows of a prompt csv; malformed csv (strict parsing) fails with the line."""
+    rows: list[tuple[str | None, str, str | None]] = []
+    header: list[str] | None = None
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.reader(f, strict=True)
+        start = 1  # first line of the record being read
+        try:
+            for record in reader:
+                if not record:  # blank line
+                    pass
+                elif header is None:
+                    header = record
+                    if "text" not in header:
+                        raise ConfigError(f"{path}: a prompt csv needs a 'text' column, got {header}")
+                else:
+                    row = dict(zip(header, record))
+                    rows.append((row.get("id") or None, row.get("text") or "", row.get("audio_text") or None))
+                start = reader.line_num + 1
+        except csv.Error as exc:
+            reason = str(exc)
+            if reason == "unexpected end of data":  # EOF inside a quoted field
+                reason = "unterminated quote: a '\"' in the record starting on this line is never closed"
+            raise ConfigError(f"{path}, line {start}: {reason}") from exc
+    if header is None:
+        raise ConfigError(f"{path}: a prompt csv needs a 'text' column, got an empty file")
+    return rows
+
+
 def read_prompts(prompts: Sequence[str], prompt_file: str | None, prefix: str = "sample") -> list[PromptItem]:
     """Prompts from ``--prompt`` (repeatable) or a .txt (one per line) / .csv (``text``[, ``audio_text``, ``id``]) file."""
     texts: list[tuple[str | None, str, str | None]] = [(None, p, None) for p in prompts]
@@ -62,12 +91,7 @@ def read_prompts(prompts: Sequence[str], prompt_file: str | None, prefix: str = 
         if not path.is_file():
             raise ConfigError(f"prompt file not found: {path}")
         if path.suffix.lower() == ".csv":
-            with path.open(newline="", encoding="utf-8") as f:
-                reader = csv.DictReader(f)
-                if reader.fieldnames is None or "text" not in reader.fieldnames:
-                    raise ConfigError(f"{path}: a prompt csv needs a 'text' column, got {reader.fieldnames}")
-                for row in reader:
-                    texts.append((row.get("id") or None, row["text"] or "", row.get("audio_text") or None))
+            texts.extend(_read_prompt_csv(path))
         else:
             for line in path.read_text(encoding="utf-8").splitlines():
                 if line.strip():

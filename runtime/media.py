@@ -1,7 +1,8 @@
 """MP4 writing with PyAV: H.264 video at 16 fps + AAC audio at 16 kHz, written atomically.
 
 The file is encoded into a temporary file next to the target and renamed over it only when
-complete, so an error never leaves a half-written MP4 (and never clobbers an existing one).
+complete (``engine/atomic_file.py``), so an error never leaves a half-written MP4 (and never clobbers
+an existing one); the MP4 gets the mode any file the user creates gets (0666 less the umask).
 
 Durations are aligned: the waveform is cut or zero-padded to exactly ``frames / fps`` seconds
 (``F * 1000`` samples at 16 fps / 16 kHz). Mono audio is written as stereo by duplicating the
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -24,6 +24,7 @@ from typing import Any, cast
 
 import numpy as np
 
+from javisrt.engine.atomic_file import atomic_file
 from javisrt.engine.errors import JavisError, ShapeError
 
 log = logging.getLogger(__name__)
@@ -106,28 +107,20 @@ def write_mp4(
         wave = fit_waveform(waveform, n)
 
     check_writable_dir(path.parent)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.mp4", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        with av.open(str(tmp), mode="w", format="mp4") as container:
-            vstream = astream = None
-            if frames is not None:  # both streams exist before the first packet is muxed
-                vstream = cast(Any, container.add_stream(_pick_video_codec(), rate=fps))
-                vstream.height, vstream.width = frames.shape[1], frames.shape[2]
-                vstream.pix_fmt = "yuv420p"
-                if vstream.codec_context.name in ("libx264", "h264"):
-                    vstream.options = {"crf": str(crf), "preset": "medium"}
-            if wave is not None:
-                astream = cast(Any, container.add_stream(AUDIO_CODEC, rate=sample_rate, layout="stereo"))
-            if vstream is not None and frames is not None:
-                _encode_video(container, vstream, frames, fps)
-            if astream is not None and wave is not None:
-                _encode_audio(container, astream, wave, sample_rate)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path, suffix=".tmp.mp4") as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
+        vstream = astream = None
+        if frames is not None:  # both streams exist before the first packet is muxed
+            vstream = cast(Any, container.add_stream(_pick_video_codec(), rate=fps))
+            vstream.height, vstream.width = frames.shape[1], frames.shape[2]
+            vstream.pix_fmt = "yuv420p"
+            if vstream.codec_context.name in ("libx264", "h264"):
+                vstream.options = {"crf": str(crf), "preset": "medium"}
+        if wave is not None:
+            astream = cast(Any, container.add_stream(AUDIO_CODEC, rate=sample_rate, layout="stereo"))
+        if vstream is not None and frames is not None:
+            _encode_video(container, vstream, frames, fps)
+        if astream is not None and wave is not None:
+            _encode_audio(container, astream, wave, sample_rate)
     log.info("wrote %s", path)
     return path
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 
-def noise_floor(ref: torch.Tensor) -> float:
-    """Rounding noise of the reference's own magnitude: ``((ref + 0.3 - 0.3) - ref).abs().max()``."""
-    r = ref.float()
+def noise_floor(ref: torch.Tensor, dtype: torch.dtype = torch.float32) -> float:
+    """Rounding noise of the reference's own magnitude in ``dtype`` (the dtype under test):
+    ``((r + 0.3 - 0.3) - r).abs().max()`` with ``r = ref.to(dtype)``."""
+    r = ref.to(dtype)
     return float(((r + 0.3 - 0.3) - r).abs().max())
 
 

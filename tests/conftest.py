@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import random
+from collections.abc import Iterator
 
 import torch
 
@@ -19,6 +20,15 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
+def restore_tf32() -> Iterator[None]:
+    """``official`` numerics on CUDA turn TF32 on process-wide (engine.model.enable_tf32); no test
+    leaves it changed for the next."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+@pytest.fixture(autouse=True)
 def seed() -> int:
     """Every test starts from the same RNG state (torch, numpy, random)."""
     value = 0
@@ -28,11 +38,16 @@ def seed() -> int:
     return value
 
 
+def tensorrt_present() -> bool:
+    """Whether real TensorRT is importable. A namespace-only ``tensorrt`` (the one tensorrt-stubs, a
+    test dependency, leaves: it ships no ``__init__.py``) is not TensorRT."""
+    spec = importlib.util.find_spec("tensorrt")
+    return spec is not None and spec.origin is not None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     has_gpu = torch.cuda.is_available()
-    # A namespace-only "tensorrt" (e.g. left by tensorrt-stubs, which ships no __init__.py) is not TensorRT.
-    spec = importlib.util.find_spec("tensorrt")
-    has_trt = spec is not None and spec.origin is not None
+    has_trt = tensorrt_present()
     for item in items:
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU; the dev/CI machines have none"))

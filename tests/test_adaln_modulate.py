@@ -1,32 +1,22 @@
 """kernels/adaln_modulate.py vs its PyTorch reference (engine.ops.modulate_ref).
 
-CPU: Triton interpreter (TRITON_INTERPRET=1, set before the kernel module is imported). Tolerance
+CPU: Triton interpreter (TRITON_INTERPRET=1, set in conftest.py before any kernel module is imported). Tolerance
 (style.md lesson 7): reference in float64; ``err(kernel) <= 2 * err(torch in the same dtype) + floor``
 with the noise floor ``((ref + 0.3 - 0.3) - ref).abs().max()`` in the test dtype.
 """
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
+from _tolerance import assert_within, max_err, noise_floor
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first import of a @triton.jit module
-
-import pytest  # noqa: E402
-from _tolerance import assert_within, max_err  # noqa: E402
-
-from javisrt.engine.errors import ShapeError  # noqa: E402
-from javisrt.kernels.adaln_modulate import adaln_modulate, adaln_modulate_ref  # noqa: E402
+from javisrt.engine.errors import ShapeError
+from javisrt.kernels.adaln_modulate import adaln_modulate, adaln_modulate_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-6
 
-
-def _floor(ref: torch.Tensor, dtype: torch.dtype) -> float:
-    r = ref.to(dtype)
-    return float(((r + 0.3 - 0.3) - r).abs().max())
 
 
 def _check(x, shift, scale, dtype, what):  # type: ignore[no-untyped-def]
@@ -35,7 +25,7 @@ def _check(x, shift, scale, dtype, what):  # type: ignore[no-untyped-def]
     out = adaln_modulate(xd, shd, scd, EPS)
     assert out.dtype == dtype
     torch_err = max_err(adaln_modulate_ref(xd, shd, scd, EPS), ref)
-    atol = 2 * torch_err + _floor(ref, dtype)
+    atol = 2 * torch_err + noise_floor(ref, dtype)
     print(f"{what} {dtype}: kernel max {max_err(out, ref):.3e} | torch max {torch_err:.3e} | atol {atol:.3e}")
     assert_within(out, ref, atol, what)
 

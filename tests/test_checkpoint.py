@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -72,11 +73,112 @@ def test_lora_merge_equals_peft(official: tuple[Path, JavisDiT]) -> None:
     assert state.keys() == expect.keys()
     adapted = [k for k in expect if any(k.endswith(t + ".weight") for t in LORA_TARGETS)]
     assert len(adapted) == 12 * 2  # 12 wrapped Linears per block, 2 blocks, none cross-matched
-    for k in expect:
-        assert torch.allclose(state[k], expect[k], rtol=0, atol=1e-6), k
+    for k in expect:  # fp32 numerics: one rounding, fp32(W + scale * B @ A), the same ops as PEFT's
+        assert torch.equal(state[k], expect[k]), k
     # the adapter is not a no-op: merged weights differ from the base shards
     base = tiny_model().state_dict()
     assert all(not torch.allclose(base[k], state[k]) for k in adapted)
+
+
+def _peft_adapter(base: JavisDiT, path: Path, config: LoraConfig) -> JavisDiT:
+    """Save ``base`` (sharded) and a random PEFT adapter for it under ``path``; return PEFT's merge."""
+    write_sharded(path / "model", base.state_dict())
+    peft_model = get_peft_model(base, config)
+    with torch.no_grad():  # PEFT initialises B to zero; make the adapter do something
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.2)
+    peft_model.save_pretrained(path / "lora")
+    return peft_model.merge_and_unload()
+
+
+def test_official_lora_merge_order_equals_peft_on_a_bf16_model(tmp_path: Path) -> None:
+    """The reference casts the model to bf16, then PEFT merges: bf16(bf16(W) + scale * B @ A).
+
+    PEFT itself on a bf16 copy of the model is the reference (it keeps the adapter in fp32 and adds
+    the fp32 delta into the bf16 weight in place); the shards on disk stay fp32.
+    """
+    base = tiny_model()
+    write_sharded(tmp_path / "model", base.state_dict())
+    bf16 = copy.deepcopy(base).to(torch.bfloat16)
+    peft_model = get_peft_model(bf16, LoraConfig(r=4, lora_alpha=16, target_modules=LORA_TARGETS, lora_dropout=0.0))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                assert p.dtype == torch.float32  # PEFT's autocast_adapter_dtype
+                p.copy_(torch.randn_like(p) * 0.2)
+    peft_model.save_pretrained(tmp_path / "lora")
+    merged = peft_model.merge_and_unload()
+    expect = merged.state_dict()
+    state, _ = read_checkpoint(tmp_path, numerics="official")
+    single, _ = read_checkpoint(tmp_path, numerics="fp32")
+    adapted = [k for k in expect if any(k.endswith(t + ".weight") for t in LORA_TARGETS)]
+    assert len(adapted) == 24
+    for k in adapted:
+        assert state[k].dtype == torch.bfloat16 and torch.equal(state[k], expect[k]), k
+    # the order matters: rounding W + delta once gives other bf16 weights (the test can fail)
+    differ = sum(int((single[k].bfloat16() != expect[k]).sum()) for k in adapted)
+    total = sum(expect[k].numel() for k in adapted)
+    assert single["blocks.0.ffn.0.weight"].dtype == torch.float32
+    assert differ > 0.01 * total, f"{differ}/{total} merged weights differ between the two orders"
+    # and the whole official model equals PEFT's merged bf16 model in official numerics
+    loaded = load_model(tmp_path, config="tiny")
+    merged.set_numerics("official")
+    with torch.no_grad():
+        got, want = loaded(*inputs()), merged(*inputs())
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.gpu
+def test_official_lora_merge_on_cuda_equals_peft_with_tf32(tmp_path: Path) -> None:
+    """On CUDA the reference merges on the device with TF32 on; load_model(device="cuda") does the same."""
+    base = tiny_model()
+    write_sharded(tmp_path / "model", base.state_dict())
+    torch.backends.cuda.matmul.allow_tf32 = True  # the reference's inference script (conftest restores it)
+    peft_model = get_peft_model(copy.deepcopy(base).to("cuda", torch.bfloat16),
+                                LoraConfig(r=4, lora_alpha=16, target_modules=LORA_TARGETS, lora_dropout=0.0))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.2)
+    peft_model.save_pretrained(tmp_path / "lora")
+    expect = peft_model.merge_and_unload().state_dict()
+    loaded = load_model(tmp_path, config="tiny", device="cuda").state_dict()
+    for k in (k for k in expect if any(k.endswith(t + ".weight") for t in LORA_TARGETS)):
+        assert torch.equal(loaded[k], expect[k]), k
+
+
+def test_lora_rank_and_alpha_patterns_equal_peft(tmp_path: Path) -> None:
+    """PEFT's per-module rank_pattern / alpha_pattern (regex on the module name's end) are honoured."""
+    config = LoraConfig(r=4, lora_alpha=16, target_modules=LORA_TARGETS, lora_dropout=0.0,
+                        rank_pattern={r"ffn\.0": 2, "blocks.1.self_attn.q": 6}, alpha_pattern={"ffn.2": 3})
+    merged = _peft_adapter(tiny_model(), tmp_path, config)
+    saved = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert saved["rank_pattern"] and saved["alpha_pattern"]
+    state, _ = read_checkpoint(tmp_path)
+    for k, v in merged.state_dict().items():
+        assert torch.equal(state[k], v), k
+
+
+def _rewrite_adapter_config(path: Path, **changes: object) -> None:
+    config_path = path / "lora" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(changes)
+    config_path.write_text(json.dumps(config))
+
+
+def test_lora_rank_disagreeing_with_the_tensors(tmp_path: Path) -> None:
+    _peft_adapter(tiny_model(), tmp_path, LoraConfig(r=4, lora_alpha=16, target_modules=LORA_TARGETS))
+    _rewrite_adapter_config(tmp_path, r=8)
+    with pytest.raises(CheckpointError, match=r"rank r = 8, but its tensors .* have rank 4"):
+        load_model(tmp_path, config="tiny")
+    # a rank_pattern entry is checked the same way, and named
+    _rewrite_adapter_config(tmp_path, r=4, rank_pattern={"audio_ffn.2": 16})
+    with pytest.raises(CheckpointError, match=r"blocks\.0\.audio_ffn\.2: .*rank_pattern\['audio_ffn\.2'\] = 16, .* rank 4"):
+        load_model(tmp_path, config="tiny")
+    _rewrite_adapter_config(tmp_path, rank_pattern={"ffn.(0": 4})
+    with pytest.raises(CheckpointError, match="not a valid regex"):
+        load_model(tmp_path, config="tiny")
 
 
 def test_official_layout_reproduces_in_memory_outputs(official: tuple[Path, JavisDiT]) -> None:
@@ -131,6 +233,9 @@ def test_javisrt_file_round_trip_keeps_config(tmp_path: Path) -> None:
     model = tiny_model(num_layers=1, audio_pos_mode="interleave")
     path = save_model(model, tmp_path / "out" / "dit.safetensors")
     assert [p.name for p in path.parent.iterdir()] == ["dit.safetensors"]  # no temp file left
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # the mode any user file gets, not mkstemp's 0600
     loaded = load_model(path, numerics="fp32")
     assert loaded.cfg == model.cfg
     with torch.no_grad():

@@ -73,6 +73,26 @@ def test_read_prompts(tmp_path: Path) -> None:
         cli.read_prompts([], str(bad))
 
 
+@pytest.mark.parametrize(
+    ("content", "line", "reason"),
+    [
+        ('text,id\n"fine, quoted",a\n\n"never closed,b\nthird,c\n', 4, "unterminated quote"),
+        ('text\n"multi\nline"\n"x"y\n', 4, "',' expected after '\"'"),
+    ],
+    ids=["unterminated-quote", "text-after-quote"],
+)
+def test_read_prompts_malformed_csv(tmp_path: Path, content: str, line: int, reason: str) -> None:
+    """Malformed csv is an error naming the file, the line and the reason, not a mangled prompt."""
+    bad = tmp_path / "prompts.csv"
+    bad.write_text(content)
+    with pytest.raises(ConfigError) as info:
+        cli.read_prompts([], str(bad))
+    assert str(info.value).startswith(f"{bad}, line {line}: ") and reason in str(info.value)
+    out = tmp_path / "out"
+    assert cli.main(["generate", "--tiny", "--prompt-file", str(bad), "-o", str(out)]) == cli.EXIT_ERROR
+    assert not out.exists() or not any(out.iterdir())  # nothing generated, nothing half-written
+
+
 def _write_t2v_weights(root: Path) -> tuple[Path, Path]:
     """A t2v (video-only) tiny checkpoint + a diffusers-layout Wan dir."""
     ckpt = save_model(tiny_dit(0, JavisConfig.from_name("tiny", model_type="t2v")), root / "t2v.safetensors")

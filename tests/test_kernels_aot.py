@@ -1,7 +1,7 @@
 """kernels/aot.py: every kernel compiles ahead of time for Hopper (sm_90a) on a machine without a GPU.
 
-The compile runs in a child process without TRITON_INTERPRET (the CPU kernel tests set it, and kernels
-decorated under it are interpreter objects). Checks per configuration (bf16 and fp8): PTX targets
+The compile runs in a child process without TRITON_INTERPRET (conftest.py sets it on machines without a
+GPU, and kernels decorated under it are interpreter objects). Checks per configuration (bf16 and fp8): PTX targets
 sm_90a at the pinned PTX ISA, no local-memory spills, shared memory within the H100 per-block limit,
 wgmma in the attention and GEMM kernels, no global scratch (a TensorRT AOT plugin cannot provide it),
 and a PTX entry whose parameters are exactly pointers + int scalars + Triton's two implicit scratch
@@ -10,18 +10,10 @@ pointers. The launch math is checked against torch's strides of contiguous tenso
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # Same as the CPU kernel tests, so that importing this module first does not decorate the kernels
-    # for a GPU the session does not have; the compile itself runs in a child without the variable.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-from javisrt.kernels import aot  # noqa: E402
+from javisrt.kernels import aot
 
 EXPECTED = {
     "adaln_modulate.bf16.d1536",

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import av
@@ -111,3 +115,21 @@ def test_fit_waveform() -> None:
     assert w.dtype == np.float32 and w.tolist() == [0.5, 1.0, -1.0, 0.0, 0.0, 0.0]
     with pytest.raises(ShapeError):
         fit_waveform(np.zeros((2, 10)), 5)
+
+
+@contextmanager
+def umask(mask: int) -> Iterator[None]:
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_output_gets_the_umask_mode(tmp_path: Path, mask: int) -> None:
+    """An MP4 is created like any user file (0666 less the umask), not 0600 as a mkstemp file."""
+    with umask(mask):
+        path = write_mp4(tmp_path / f"x{mask:o}.mp4", None, tone(1600))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
+    assert only_files(tmp_path) == [path.name]

@@ -1,6 +1,6 @@
 """kernels/modality_ffn.py vs its PyTorch reference (engine.ops.modality_ffn_ref).
 
-CPU: Triton interpreter (TRITON_INTERPRET=1, set before the kernel module is imported). Tolerance
+CPU: Triton interpreter (TRITON_INTERPRET=1, set in conftest.py before any kernel module is imported). Tolerance
 (style.md lesson 7): reference in float64; ``err(kernel) <= 2 * err(torch in the same dtype) + floor``
 with the noise floor ``((ref + 0.3 - 0.3) - ref).abs().max()`` in the test dtype. Weights are scaled by
 1/sqrt(fan_in), so every intermediate is O(1).
@@ -8,20 +8,14 @@ with the noise floor ``((ref + 0.3 - 0.3) - ref).abs().max()`` in the test dtype
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
+from _tolerance import assert_within, max_err, noise_floor, rel_err
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first import of a @triton.jit module
-
-import pytest  # noqa: E402
-from _tolerance import assert_within, max_err, rel_err  # noqa: E402
-
-from javisrt.engine.errors import ConfigError, ShapeError  # noqa: E402
-from javisrt.engine.ops import FFNWeights, Modulation, modulate_ref  # noqa: E402
-from javisrt.kernels.fp8 import amax_scale  # noqa: E402
-from javisrt.kernels.modality_ffn import (  # noqa: E402
+from javisrt.engine.errors import ConfigError, ShapeError
+from javisrt.engine.ops import FFNWeights, Modulation, modulate_ref
+from javisrt.kernels.fp8 import amax_scale
+from javisrt.kernels.modality_ffn import (
     modality_ffn,
     modality_ffn_fp8,
     modality_ffn_fp8_ref,
@@ -32,10 +26,6 @@ from javisrt.kernels.modality_ffn import (  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-6
 
-
-def _floor(ref: torch.Tensor, dtype: torch.dtype) -> float:
-    r = ref.to(dtype)
-    return float(((r + 0.3 - 0.3) - r).abs().max())
 
 
 def _expert(d: int, f: int) -> FFNWeights:
@@ -62,7 +52,7 @@ def _check(x, lv, vw, aw, vm, am, dtype, what):  # type: ignore[no-untyped-def]
     out = modality_ffn(*args)
     assert out.dtype == dtype and out.shape == x.shape
     torch_err = max_err(modality_ffn_ref(*args), ref)
-    atol = 2 * torch_err + _floor(ref, dtype)
+    atol = 2 * torch_err + noise_floor(ref, dtype)
     print(f"{what} {dtype}: kernel max {max_err(out, ref):.3e} rel {rel_err(out, ref):.2e} | torch max {torch_err:.3e} | atol {atol:.3e}")
     assert_within(out, ref, atol, what)
 
@@ -130,7 +120,7 @@ def test_modality_ffn_fp8_matches_emulation(batch: int, lv: int, la: int, d: int
     emu = modality_ffn_fp8_ref(x, lv, vq, aq, vm, am, EPS)
     emu64 = modality_ffn_fp8_ref(x.double(), lv, _f64(vq), _f64(aq), _cast(vm, torch.float64), _cast(am, torch.float64), EPS)
     torch_err = max_err(emu, emu64)
-    atol = 2 * torch_err + _floor(emu64, torch.float32)
+    atol = 2 * torch_err + noise_floor(emu64, torch.float32)
     full = modality_ffn_ref(x, lv, _cast(vw, torch.float32) if lv else None, _cast(aw, torch.float32) if la else None,
                             vm if lv else None, am if la else None, EPS)  # fmt: skip
     print(f"fp8 ffn Lv={lv} La={la}: kernel-vs-emulation max {max_err(out, emu64):.3e} mean "

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import WanTransformer3DModel
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map
 
 from _tolerance import rel_err
 from javisrt.engine.checkpoint import diffusers_to_wan
 from javisrt.engine.config import JavisConfig
 from javisrt.engine.errors import ConfigError, ShapeError
-from javisrt.engine.model import FP32_MODULES, JavisDiT, build_model, init_weights, num_parameters
+from javisrt.engine.model import FP32_MODULES, JavisDiT, build_model, init_weights, num_parameters, random_model
+from javisrt.engine.rope import TokenGrid
 
 # model-spec.md §5.1: shapes of the released state dict (block 7 stands for every block).
 SPEC_SHAPES = {
@@ -202,3 +210,164 @@ def test_bad_inputs_raise_typed_errors(tiny: JavisDiT) -> None:
     wan = JavisDiT(JavisConfig.from_name("tiny", model_type="t2v"))
     with pytest.raises(ConfigError, match="no audio branch"):
         wan(v, a, t, c)
+
+
+# ---- official numerics: the reference's fp32 autocast islands, emulated op by op ------------------------
+#
+# The reference runs its bf16 model with the time embedding and both heads under
+# ``torch.cuda.amp.autocast(dtype=torch.float32)`` (model-spec.md §3.1, §3.3). CPU autocast has no fp32
+# mode, so the tests emulate CUDA autocast's op lists with a TorchFunctionMode and run the reference's
+# own code for each island on a bf16 copy of the weights.
+
+# CUDA autocast's "lower precision" list (run in the autocast dtype, here fp32) and its fp32 list
+# (torch docs, "Autocast Op Reference"), by function name.
+AUTOCAST_MATMUL_OPS = {
+    "__matmul__", "addbmm", "addmm", "addmv", "addr", "baddbmm", "bmm", "chain_matmul", "multi_dot", "conv1d",
+    "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "linear", "matmul", "mm", "mv",
+    "prelu",
+}
+AUTOCAST_FP32_OPS = {
+    "__pow__", "__rdiv__", "__rpow__", "__rtruediv__", "acos", "asin", "cosh", "cdist", "cosine_similarity",
+    "cumprod", "cumsum", "dist", "erfinv", "exp", "expm1", "group_norm", "layer_norm", "log", "log_softmax", "log10",
+    "log1p", "log2", "norm", "normalize", "pdist", "pow", "prod", "reciprocal", "rsqrt", "sinh", "softmax",
+    "softmin", "softplus", "sum", "renorm", "tan",
+}
+
+
+def _name(func: Callable[..., Any]) -> str:
+    return getattr(func, "__name__", str(func))
+
+
+class OpDtypes(TorchFunctionMode):
+    """Records ``(island, op name, floating input dtypes, output dtype)`` of every torch call.
+
+    ``autocast_fp32=True`` also applies CUDA ``autocast(dtype=float32)``: the matmul-list and
+    fp32-list ops get their floating arguments cast to fp32, except float64, which autocast never
+    casts; every other op follows type promotion. ``island`` is the innermost hooked module.
+    """
+
+    def __init__(self, autocast_fp32: bool = False) -> None:
+        super().__init__()
+        self.autocast_fp32 = autocast_fp32
+        self.calls: list[tuple[str, str, tuple[torch.dtype, ...], torch.dtype | None]] = []
+        self.island: list[str] = [""]
+
+    def hook(self, name: str, module: torch.nn.Module) -> None:
+        def enter(*_: Any) -> None:
+            self.island.append(name)
+
+        def leave(*_: Any) -> None:  # a hook's return value would replace the module's output
+            self.island.pop()
+
+        module.register_forward_pre_hook(enter)
+        module.register_forward_hook(leave)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        name = _name(func)
+        if self.autocast_fp32 and name in AUTOCAST_MATMUL_OPS | AUTOCAST_FP32_OPS:
+            def cast(x: Any) -> Any:
+                eligible = isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != torch.float64
+                return x.float() if eligible else x
+
+            args, kwargs = tree_map(cast, (args, kwargs))
+        out = func(*args, **kwargs)
+        ins = tuple(a.dtype for a in [*args, *kwargs.values()] if isinstance(a, torch.Tensor) and a.is_floating_point())
+        self.calls.append((self.island[-1], name, ins, out.dtype if isinstance(out, torch.Tensor) else None))
+        return out
+
+    def dtypes(self, island: str, op: str) -> set[torch.dtype]:
+        """Every floating dtype the op saw (inputs and output) inside ``island``."""
+        seen = {d for i, n, ins, out in self.calls if i == island and n == op for d in (*ins, out) if d is not None}
+        assert seen, f"no {op} call recorded in {island!r}"
+        return seen
+
+
+@pytest.fixture
+def official(tiny: JavisDiT) -> JavisDiT:
+    return tiny.set_numerics("official")
+
+
+def _bf16(module: torch.nn.Module) -> torch.nn.Module:
+    """The reference's copy of an island: the whole model is bf16 there."""
+    return copy.deepcopy(module).to(torch.bfloat16)
+
+
+def test_time_embedding_island_equals_emulated_reference(official: JavisDiT) -> None:
+    """Reference (WanModel.forward): ``t.to(bf16)``, then under autocast(fp32) the float64 sinusoid
+    ``.float()``, time_embedding, time_projection, audio_time_projection; the blocks cast e0 to bf16."""
+    v, a, t, c = _inputs()
+    d, half = official.cfg.dim, official.cfg.freq_dim // 2
+    ref_te, ref_tp, ref_atp = (_bf16(getattr(official, n)) for n in FP32_MODULES[:3])
+    with torch.no_grad(), OpDtypes(autocast_fp32=True):
+        position = t.to(torch.bfloat16).type(torch.float64)
+        sinusoid = torch.outer(position, torch.pow(10000, -torch.arange(half).to(position).div(half)))
+        e = ref_te(torch.cat([torch.cos(sinusoid), torch.sin(sinusoid)], dim=1).float())
+        e0 = ref_tp(e).unflatten(1, (6, d))
+        ae0 = ref_atp(e).unflatten(1, (3, d))
+    ops = OpDtypes()
+    for name in FP32_MODULES[:3]:
+        ops.hook(name, getattr(official, name))
+    with torch.no_grad(), ops:
+        emb = official.embed(v, a, t, c)
+    assert emb.e.dtype == torch.float32 and torch.equal(emb.e, e)
+    assert torch.equal(emb.e0, e0.to(torch.bfloat16)) and torch.equal(emb.ae0, ae0.to(torch.bfloat16))
+    # op by op: the sinusoid in float64, every Linear and SiLU of the island in fp32
+    assert ops.dtypes("", "cos") == ops.dtypes("", "sin") == {torch.float64}
+    for name in FP32_MODULES[:3]:
+        assert ops.dtypes(name, "linear") == {torch.float32}, name
+        assert ops.dtypes(name, "silu") == {torch.float32}, name
+
+
+@pytest.mark.parametrize("name", ["head", "audio_head"])
+def test_head_island_equals_emulated_reference(official: JavisDiT, name: str) -> None:
+    """Reference ``Head.forward`` under autocast(fp32) on bf16 activations: layer_norm is on
+    autocast's fp32 list, so the bf16 tokens are normalised in fp32; modulation + e promotes to fp32."""
+    head = getattr(official, name)
+    ref = _bf16(head)
+    x = torch.randn(2, 11, official.cfg.dim).to(torch.bfloat16)
+    e = torch.randn(2, official.cfg.dim)
+    with torch.no_grad(), OpDtypes(autocast_fp32=True):
+        mod = (ref.modulation + e.unsqueeze(1)).chunk(2, dim=1)
+        want = ref.head(F.layer_norm(x, (x.shape[-1],), eps=ref.eps) * (1 + mod[1]) + mod[0])
+    ops = OpDtypes()
+    ops.hook(name, head)
+    with torch.no_grad(), ops:
+        got = head(x, e)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert ops.dtypes(name, "layer_norm") == {torch.float32}
+    assert ops.dtypes(name, "linear") == {torch.float32}
+
+
+def test_official_rope_is_float64_and_equals_complex128(official: JavisDiT) -> None:
+    """RoPE: the reference multiplies q/k as complex128 by polar(1, float64 angles), then casts back."""
+    grid = TokenGrid((3, 6, 8), (6, 8))
+    cos, sin = official.rope(grid, torch.device("cpu"))
+    assert cos.dtype == sin.dtype == torch.float64
+    ops = OpDtypes()
+    q = torch.randn(2, grid.num_tokens, official.cfg.num_heads, official.cfg.head_dim).to(torch.bfloat16)
+    with ops:
+        rotated = official.ops.attention(q, q, q, (cos, sin))
+    assert rotated.dtype == torch.bfloat16
+    assert ops.dtypes("", "mul") == {torch.float64}  # the rotation (the only products before SDPA)
+    assert official.set_numerics("fp32").rope(grid, torch.device("cpu"))[0].dtype == torch.float32
+
+
+def _tf32() -> tuple[bool, bool]:
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+def test_official_numerics_on_cpu_leave_tf32_alone(tiny: JavisDiT) -> None:
+    before = _tf32()
+    tiny.set_numerics("official")
+    assert _tf32() == before
+
+
+@pytest.mark.gpu
+def test_official_numerics_on_cuda_enable_tf32() -> None:
+    """The reference's inference script turns TF32 on for matmul and cuDNN (conftest restores it)."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    random_model(JavisConfig.from_name("tiny"), "fp32", "cuda")
+    assert _tf32() == (False, False)
+    random_model(JavisConfig.from_name("tiny"), "official", "cuda")
+    assert _tf32() == (True, True)

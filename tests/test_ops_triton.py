@@ -1,8 +1,8 @@
 """kernels/ops_triton.py: the "triton" op set at the engine/ops.py seam.
 
 Whole-model parity (style.md lesson 8): the tiny preset's forward with ``set_ops("triton")`` against the
-same weights on the "torch" path. CPU: Triton interpreter (TRITON_INTERPRET=1, set below before any
-kernel module is imported). Tolerance: reference = the torch path in float64; the triton path in fp32
+same weights on the "torch" path. CPU: Triton interpreter (TRITON_INTERPRET=1, set in conftest.py
+before any kernel module is imported). Tolerance: reference = the torch path in float64; the triton path in fp32
 must be within twice the torch fp32 path's error plus the noise floor.
 """
 
@@ -10,19 +10,14 @@ from __future__ import annotations
 
 import copy
 import inspect
-import os
 
+import pytest
 import torch
+from _tolerance import assert_within, max_err, noise_floor, rel_err
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first import of a @triton.jit module
-
-import pytest  # noqa: E402
-from _tolerance import assert_within, max_err, noise_floor, rel_err  # noqa: E402
-
-from javisrt.engine.config import JavisConfig  # noqa: E402
-from javisrt.engine.model import JavisDiT, init_weights  # noqa: E402
-from javisrt.engine.ops import OpSet, TorchOps, get_ops  # noqa: E402
+from javisrt.engine.config import JavisConfig
+from javisrt.engine.model import JavisDiT, init_weights
+from javisrt.engine.ops import OpSet, TorchOps, get_ops
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -80,20 +80,46 @@ def test_audio_only_grid_has_no_offsets() -> None:
     assert pos[8 * 10 + 3].long().tolist() == [4, 10, 3]
 
 
-def test_real_tables_equal_complex_rotation() -> None:
-    """Independent reference: the official complex128 form, polar(1, outer(pos_a, inv_freq_a)) per axis."""
-    grid = TokenGrid((3, 4, 5), (6, 8))
-    axes, theta = (12, 10, 10), 10000.0
-    cos, sin = rope_cos_sin(grid, AudioPosMode.INTERLEAVE_OFFSET, axes, theta)
-    pos = ta_rope_positions(grid, AudioPosMode.INTERLEAVE_OFFSET)
-    freqs = torch.cat(
+def mmrope_apply(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """The reference's RoPE (JavisDiT ``mmrope_apply``): complex128 product, cast back to x's dtype."""
+    xc = torch.view_as_complex(x.to(torch.float64).reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * freqs[None, :, None, :]).flatten(3).to(x.dtype)
+
+
+def reference_freqs(pos: torch.Tensor, axes: tuple[int, ...], theta: float) -> torch.Tensor:
+    """The reference's ``rope_cos_sin``: polar(1, outer(pos_a, inv_freq_a)) per axis, complex128."""
+    return torch.cat(
         [torch.polar(torch.ones(len(pos), d // 2, dtype=torch.float64),
                      torch.outer(pos[:, a], 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)))
          for a, d in enumerate(axes)],
         dim=1,
     )
-    x = torch.randn(2, len(pos), 3, 32, dtype=torch.float64)
-    ref = torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * freqs[None, :, None, :]).flatten(-2)
+
+
+def test_real_tables_equal_complex_rotation() -> None:
+    """Independent reference: the official complex128 form, polar(1, outer(pos_a, inv_freq_a)) per axis."""
+    grid = TokenGrid((3, 4, 5), (6, 8))
+    axes, theta = (12, 10, 10), 10000.0
+    cos, sin = rope_cos_sin(grid, AudioPosMode.INTERLEAVE_OFFSET, axes, theta)
+    freqs = reference_freqs(ta_rope_positions(grid, AudioPosMode.INTERLEAVE_OFFSET), axes, theta)
+    x = torch.randn(2, grid.num_tokens, 3, 32, dtype=torch.float64)
     out = apply_rope_ref(x.float(), cos, sin)
-    assert (out.double() - ref).abs().max() < 1e-5  # fp32 rotation of O(1) values
+    assert (out.double() - mmrope_apply(x, freqs)).abs().max() < 1e-5  # fp32 rotation of O(1) values
     assert [f.numel() for f in inverse_frequencies(axes, theta)] == [6, 5, 5]
+
+
+def test_float64_tables_reproduce_the_bf16_reference_exactly() -> None:
+    """``official`` numerics: float64 tables make the bf16 result equal the reference's complex128
+    ``mmrope_apply`` bit for bit; fp32 tables (the kernels' and graphs') flip some bf16 roundings."""
+    grid = TokenGrid((5, 15, 27), (52, 8))  # 240p/65f spatial extent, so angles reach the released range
+    axes, theta = (44, 42, 42), 10000.0
+    freqs = reference_freqs(ta_rope_positions(grid, AudioPosMode.INTERLEAVE_OFFSET), axes, theta)
+    x = torch.randn(2, grid.num_tokens, 4, 128).to(torch.bfloat16)  # 2.5M values: about 12 flips
+    want = mmrope_apply(x, freqs)
+    cos64, sin64 = rope_cos_sin(grid, AudioPosMode.INTERLEAVE_OFFSET, axes, theta, dtype=torch.float64)
+    assert cos64.dtype == torch.float64
+    assert torch.equal(apply_rope_ref(x, cos64, sin64), want)
+    cos32, sin32 = rope_cos_sin(grid, AudioPosMode.INTERLEAVE_OFFSET, axes, theta)
+    flipped = int((apply_rope_ref(x, cos32, sin32) != want).sum())
+    assert flipped > 0, "fp32 tables should differ from complex128 somewhere (else this test cannot fail)"
+    print(f"fp32 tables: {flipped} of {x.numel()} bf16 values differ from the complex128 reference")

@@ -1,38 +1,28 @@
 """kernels/rope_attention.py vs its PyTorch reference (engine.ops.attention_ref).
 
-On CPU the kernel runs in the Triton interpreter (TRITON_INTERPRET=1, set below before the kernel module
-is imported; the interpreter's cost is per program, so shapes are a few 128-token tiles). Tolerance
+On CPU the kernel runs in the Triton interpreter (TRITON_INTERPRET=1, set in conftest.py before any kernel
+module is imported; the interpreter's cost is per program, so shapes are a few 128-token tiles). Tolerance
 (style.md lesson 7): reference in float64; ``err(kernel) <= 2 * err(torch in the same dtype) + floor``
 with the noise floor ``((ref + 0.3 - 0.3) - ref).abs().max()`` evaluated in the test dtype.
 """
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first import of a @triton.jit module
-
-import pytest  # noqa: E402
-
-from javisrt.engine.config import AudioPosMode  # noqa: E402
-from javisrt.engine.rope import TokenGrid, rope_cos_sin  # noqa: E402
-from javisrt.kernels.rope_attention import (  # noqa: E402
+from javisrt.engine.config import AudioPosMode
+from javisrt.engine.rope import TokenGrid, rope_cos_sin
+from javisrt.kernels.rope_attention import (
     rope_attention,
     rope_attention_fp8,
     rope_attention_fp8_ref,
     rope_attention_ref,
 )
-from _tolerance import assert_within, max_err, rel_err  # noqa: E402
+from _tolerance import assert_within, max_err, noise_floor, rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-
-def _floor(ref: torch.Tensor, dtype: torch.dtype) -> float:
-    r = ref.to(dtype)
-    return float(((r + 0.3 - 0.3) - r).abs().max())
 
 
 def _axes(head_dim: int) -> tuple[int, int, int]:
@@ -56,7 +46,7 @@ def _check(q, k, v, rope, dtype, what):  # type: ignore[no-untyped-def]
     out = rope_attention(qd, kd, vd, rope)
     assert out.dtype == dtype and out.shape == q.shape
     torch_err = max_err(rope_attention_ref(qd, kd, vd, rope), ref)
-    atol = 2 * torch_err + _floor(ref, dtype)
+    atol = 2 * torch_err + noise_floor(ref, dtype)
     print(f"{what} {dtype}: kernel max {max_err(out, ref):.3e} rel {rel_err(out, ref):.2e} | torch max {torch_err:.3e} | atol {atol:.3e}")
     assert_within(out, ref, atol, what)
 
@@ -143,7 +133,7 @@ def test_rope_attention_fp8_matches_emulation(video, audio, heads, head_dim) -> 
     emu = rope_attention_fp8_ref(q, k, v, (cos, sin), scales)
     emu_p = rope_attention_fp8_ref(q, k, v, (cos, sin), scales, quantize_p=True)
     p_err = max_err(emu_p, emu)
-    atol = 2 * p_err + _floor(emu, torch.float32)
+    atol = 2 * p_err + noise_floor(emu, torch.float32)
     full = rope_attention_ref(q, k, v, (cos, sin))
     print(
         f"fp8 attn L={seq} D={head_dim}: kernel-vs-emulation max {max_err(out, emu):.3e} | P-rounding {p_err:.3e} "

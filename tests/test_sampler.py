@@ -279,11 +279,9 @@ def test_cpp_loop_equals_python_reference(name: str) -> None:
     ref = trajectory_of(sampling.sample_ref, latents, den, config)
     out = trajectory_of(_sampler.sample, latents, den, config)
     assert len(out) == len(ref) == config.steps + 1
-    for k in range(len(SHAPES)):
-        err = max_err(out, ref, k)
-        scale = max(1.0, max(float(np.abs(x[k]).max()) for x in ref))
-        print(f"{name} modality {k}: max |cpp - python| = {err:.2e} (|x| <= {scale:.2f})")
-        assert err <= 1e-6 * scale
+    for k in range(len(SHAPES)):  # exact: same fp32 op sequence, no FMA contraction (cpp/CMakeLists.txt)
+        for i, (x, y) in enumerate(zip(out, ref)):
+            assert np.array_equal(x[k], y[k]), f"{name} modality {k} step {i}: max |cpp - python| {max_err([x], [y], k):.2e}"
     assert all(np.array_equal(x, y) for x, y in zip(latents, random_latents(SHAPES))), "inputs modified"
 
 
@@ -297,7 +295,7 @@ def test_single_modality_and_torch_inputs(solver: Solver) -> None:
     out = _sampler.sample([torch.from_numpy(latents[0])], den, config)  # CPU tensors are accepted
     assert out.steps_done == ref.steps_done == 12 and not out.cancelled
     assert out.latents[0].shape == shapes[0] and out.latents[0].dtype == np.float32
-    assert_within(torch.from_numpy(out.latents[0]), torch.from_numpy(ref.latents[0]), 1e-6 * max(1.0, float(np.abs(ref.latents[0]).max())))
+    assert np.array_equal(out.latents[0], ref.latents[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,7 +381,7 @@ def test_progress_and_cancellation(impl: str, solver: Solver) -> None:
     other = IMPLS["cpp" if impl == "python" else "python"](latents, den2, config, cancel=lambda: den2.calls >= 7)
     assert other.steps_done == 7
     for x, y in zip(res.latents, other.latents):
-        assert float(np.abs(x - y).max()) <= 1e-6 * max(1.0, float(np.abs(y).max()))
+        assert np.array_equal(x, y)
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
@@ -469,7 +467,7 @@ def test_denoiser_may_return_its_inputs(solver: Solver) -> None:
     ref = sampling.sample_ref(lat, lambda inputs, t: list(inputs), config)
     out = _sampler.sample(lat, lambda inputs, t: list(inputs), config)
     for x, y in zip(out.latents, ref.latents):
-        assert float(np.abs(x - y).max()) <= 1e-6 * max(1.0, float(np.abs(y).max()))
+        assert np.array_equal(x, y)
 
 
 def test_missing_extension_falls_back_loudly(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
@@ -485,7 +483,7 @@ def test_missing_extension_falls_back_loudly(monkeypatch: pytest.MonkeyPatch, ca
     assert sampling.backend() == "python"
     assert any(r.levelno == logging.WARNING and "not built" in r.getMessage() for r in caplog.records)
     for x, y in zip(fast.latents, slow.latents):
-        assert float(np.abs(x - y).max()) <= 1e-6 * max(1.0, float(np.abs(y).max()))
+        assert np.array_equal(x, y)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -530,7 +528,8 @@ def test_cuda_entry_points_without_gpu() -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("solver", [Solver.EULER, Solver.UNIPC])
 def test_cuda_loop_equals_reference(solver: Solver) -> None:
-    """Device loop with an enqueue-callback denoiser (torch ops on the loop's stream) == reference."""
+    """Device loop with an enqueue-callback denoiser (torch ops on the loop's stream) vs the reference,
+    to 1e-6 relative (the kernels avoid FMA contraction; exact equality is not what this checks)."""
     config = SamplerConfig(solver, 20, (5.0, 3.5), 3.0)
     latents = random_latents(SHAPES)
     den = AffineVelocity(SHAPES)

@@ -1,6 +1,6 @@
 // Host (CPU) step math and the host loop. Built with -ffp-contract=off: every line below is the
-// same fp32 op sequence as runtime/sampling.py's numpy reference and the CUDA kernels, so all three
-// agree bit for bit. Pointers are __restrict__: the binding copies a denoiser output that overlaps
+// same fp32 op sequence as runtime/sampling.py's numpy reference (and the CUDA kernels), so the host
+// loop equals the reference exactly (tests/test_sampler.py: np.array_equal at every step). Pointers are __restrict__: the binding copies a denoiser output that overlaps
 // the loop's input buffers (a denoiser may return its inputs) before the update reads it.
 #include <chrono>
 #include <cstring>
