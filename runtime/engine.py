@@ -182,6 +182,7 @@ class Engine(abc.ABC):
     """
 
     name = "base"
+    contract: DiTContract  # names, shapes and mode of the I/O; the network config is contract.config
 
     def __init__(self, contract: DiTContract) -> None:
         self.contract = contract

@@ -4,7 +4,7 @@ The stubs (PyPI ``tensorrt-stubs==10.13.0.35.1``) are a test dependency, pinned 
 ``requirements-stubs.txt`` and installed with ``--no-deps`` (their declared dependency is TensorRT
 itself, which has no installable wheel on the CPU machines; the ``.pyi`` files need none of it).
 Installed, they leave a namespace-only ``tensorrt`` package: ``import tensorrt`` succeeds but is not
-TensorRT, which conftest.py (skip markers) and ``runtime/backends/tensorrt.import_tensorrt`` both
+TensorRT, which conftest.py (skip markers) and ``export/tensorrt_api.import_tensorrt`` both
 recognise. A missing stub package fails this test rather than skipping it.
 
 The stubs are copied out of site-packages (mypy ignores them there: no ``py.typed``) and two syntax
@@ -81,7 +81,7 @@ def test_stubs_alone_are_not_tensorrt() -> None:
         pytest.skip("real TensorRT is installed next to the stubs")
     assert not tensorrt_present()
     from javisrt.engine.errors import UnavailableError
-    from javisrt.runtime.backends.tensorrt import import_tensorrt
+    from javisrt.export.tensorrt_api import import_tensorrt
 
     with pytest.raises(UnavailableError, match="namespace package"):
         import_tensorrt()

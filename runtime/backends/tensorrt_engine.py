@@ -175,9 +175,7 @@ class TensorRTEngine(Engine):
             checkpoint_sha256=self.checkpoint_sha256,
             check_profiles=False,
         )
-        plan, meta = engine_meta.load_checked(self.plan_path, expected)
-        # The engine may hold a subset of the default profiles (`javisrt build --profiles`): adopt its own.
-        self.contract = DiTContract.from_dict(meta.contract)
+        plan, meta = engine_meta.load_checked(self.plan_path, expected)  # self.contract came from this sidecar
         logger = make_logger()
         runtime = trt.Runtime(logger)
         engine = runtime.deserialize_cuda_engine(plan)
