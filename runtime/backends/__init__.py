@@ -16,7 +16,10 @@ Registered names:
                    inputs, optional CUDA graphs), through ``runtime/engine.py``'s ``PipelineEngine``
   ``onnxruntime``  an exported graph (option ``onnx_path``), ``backends/onnxruntime.py``
   ``tensorrt``     a serialized plan (option ``plan_path``, CUDA only), ``backends/tensorrt.py``
-The last three are imported on first use (their runtimes are optional) and run t2av / t2v graphs only.
+  ``torch-parallel`` the eager model over CFG/sequence-parallel ranks (option ``parallel``: a
+                   ``runtime.parallel.ParallelContext``), ``backends/torch_parallel.py``
+The last four are imported on first use; the compiled ones (their runtimes are optional) run t2av / t2v
+graphs only.
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ BACKENDS: dict[str, Callable[..., PipelineBackend]] = {
     "torch-engine": _lazy("javisrt.runtime.backends.torch_engine"),
     "onnxruntime": _lazy("javisrt.runtime.backends.onnxruntime"),
     "tensorrt": _lazy("javisrt.runtime.backends.tensorrt"),
+    "torch-parallel": _lazy("javisrt.runtime.backends.torch_parallel"),
 }
 
 
