@@ -362,14 +362,30 @@ def _stop_on_sigterm(signum: int, frame: Any) -> None:
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
     """After this rank's error is logged, a (further) SIGTERM exits with the error code at once."""
+    _exit_rank(EXIT_ERROR)
+
+
+def _exit_rank(code: int) -> None:
+    """A failed rank leaves at once: interpreter teardown (torch's) would outlast torchrun's grace before
+    its SIGTERM, and finalisation restores the default handler, so the exit code would read -15."""
+    logging.shutdown()
+    sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(EXIT_ERROR)
+    os._exit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one of several ranks (torchrun)
         signal.signal(signal.SIGTERM, _stop_on_sigterm)
+        code = _main(argv)
+        if code:
+            _exit_rank(code)
+        return code
+    return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("-q", "--quiet", action="store_true")
     pre.add_argument("-v", "--verbose", action="store_true")
