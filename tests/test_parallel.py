@@ -217,3 +217,16 @@ def test_failure_classification() -> None:
         with rank1.guard():
             raise LauncherStopped("stopped by the launcher (SIGTERM)")
     assert peer.value.failed_rank == 0
+
+
+def test_modality_ffn_video_only_never_touches_the_missing_audio_expert() -> None:
+    """t2v (a network without audio): every real token is video; the padding must not reach the absent
+    audio expert (the reference raises for tokens of a modality whose expert is None)."""
+    d, f = 8, 16
+    w = FFNWeights(torch.randn(f, d), torch.randn(f), torch.randn(d, f), torch.randn(d))
+    mod = Modulation(*(torch.randn(1, 1, d) for _ in range(3)))
+    x = torch.randn(1, 7, d)
+    for r in range(3):  # 7 tokens on 3 ranks: slices of 3, the last with 1 real token and 2 padding rows
+        shard = SequenceShard(r, 3, 7)
+        out = SequenceParallelOps(TorchOps(), shard, None).modality_ffn(shard.take(x), 7, w, None, mod, None, 1e-6)
+        assert out.shape == (1, 3, d) and torch.isfinite(out).all()

@@ -67,10 +67,13 @@ class ParallelTorchEngine:
             x = inputs.get(name)
             return None if x is None else x[rows].to(self.device)
 
-        args = (get("video"), get("audio"), get("timestep"), get("context"), None)
+        video, audio, timestep, context = get("video"), get("audio"), get("timestep"), get("context")
+        assert timestep is not None and context is not None  # checked by infer
         if self.parallel.sp_group is None:
-            return self.model(*args, video_latent_frames=video_latent_frames)  # type: ignore[no-any-return]
-        return sequence_parallel_forward(self.model, self.parallel.sp_group, *args, video_latent_frames)
+            return self.model(video, audio, timestep, context, None, video_latent_frames)  # type: ignore[no-any-return]
+        return sequence_parallel_forward(
+            self.model, self.parallel.sp_group, video, audio, timestep, context, None, video_latent_frames
+        )
 
     @torch.inference_mode()
     def infer(
