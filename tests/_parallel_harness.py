@@ -108,6 +108,7 @@ class ForwardCase:
     ops: str = "torch"
     layers: int = 2
     batch: int = 2
+    numerics: str = "fp32"  # or "official": bf16 with fp32 islands
 
     def config(self) -> JavisConfig:
         return hd128_config(self.heads, num_layers=self.layers)
@@ -159,7 +160,8 @@ def parallel_worker(rank: int, world_size: int, port: int, cases: Sequence[Forwa
                 pipe = generation_pipeline(cfg, torch.float32, "torch-parallel", {"parallel": ctx})
                 out[case.name] = generate_latents(pipe)
             else:
-                engine = ParallelTorchEngine(random_model(cfg, seed=0).set_ops(case.ops), parallel=ctx)
+                model = random_model(cfg, case.numerics, seed=0).set_ops(case.ops)
+                engine = ParallelTorchEngine(model, parallel=ctx)
                 engine.load()
                 out[case.name] = engine.infer(case.inputs())
     return out
