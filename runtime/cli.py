@@ -366,8 +366,8 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
 
 
 def _exit_rank(code: int) -> None:
-    """A failed rank leaves at once: interpreter teardown (torch's) would outlast torchrun's grace before
-    its SIGTERM, and finalisation restores the default handler, so the exit code would read -15."""
+    """A failed rank leaves at once: Python handlers do not run during interpreter teardown, so
+    torchrun's SIGTERM (sent once another rank has exited) would end it with -15 instead of ``code``."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

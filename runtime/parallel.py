@@ -260,6 +260,8 @@ def init_process_groups(
     store: Any = None,
 ) -> ParallelContext:
     """Join the launch (``env://`` rendezvous unless ``store`` is given) and build every group once."""
+    if not timeout_s > 0:
+        raise ConfigError(f"the collective timeout must be > 0 s, got {timeout_s}")
     if plan.world_size != launch.world_size:
         raise ConfigError(f"plan {plan.describe()} is for {plan.world_size} processes, the launch has {launch.world_size}")
     device = rank_device(device, launch)
