@@ -391,9 +391,9 @@ def _main(argv: list[str]) -> int:
     pre.add_argument("-v", "--verbose", action="store_true")
     known, _ = pre.parse_known_args(argv)
     _setup_logging(known.quiet, known.verbose)
-    args = build_parser().parse_args(argv)
-    func: Callable[[argparse.Namespace], int] = args.func
-    try:
+    try:  # parsing too: building the parser imports torch, during which a rank may get the launcher's SIGTERM
+        args = build_parser().parse_args(argv)
+        func: Callable[[argparse.Namespace], int] = args.func
         return int(func(args) or 0)
     except (JavisError, NotImplementedError) as exc:
         if signal.getsignal(signal.SIGTERM) is _stop_on_sigterm:
