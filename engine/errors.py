@@ -25,3 +25,18 @@ class EngineMismatchError(JavisError):
 
 class UnavailableError(JavisError, RuntimeError):
     """An optional component (GPU, TensorRT, the C++ extension) is not present on this machine."""
+
+
+class DistributedError(JavisError, RuntimeError):
+    """A multi-process run failed: a rank raised, was killed, or a collective timed out.
+
+    ``failed_rank`` is the rank that failed first when one reported it (None: unknown, e.g. a timeout).
+    """
+
+    def __init__(self, message: str, failed_rank: int | None = None) -> None:
+        super().__init__(message)
+        self.failed_rank = failed_rank
+
+
+class LauncherStopped(DistributedError):
+    """The launcher (torchrun's agent) stopped this rank with SIGTERM, usually because another rank exited."""

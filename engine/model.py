@@ -415,11 +415,18 @@ class JavisDiT(nn.Module):
         y = F.pad(y, (0, 0, 0, cfg.text_len - y.shape[1]))
         return Embedded(x, e, e0, ae0, self.text_embedding(y), grid)
 
-    def transformer(self, emb: Embedded, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """The 30 blocks: ``emb.x`` [B, L, d] -> [B, L, d]."""
+    def transformer(
+        self, emb: Embedded, rope: tuple[torch.Tensor, torch.Tensor], ops: OpSet | None = None
+    ) -> torch.Tensor:
+        """The 30 blocks: ``emb.x`` [B, L, d] -> [B, L, d].
+
+        ``ops`` replaces the model's op set for this call (default: :attr:`ops`); a wrapper such as
+        ``engine/sequence_parallel.py``'s runs the same blocks on one rank's slice of the sequence.
+        """
+        ops = self._ops if ops is None else ops
         x = emb.x
         for block in self.blocks:
-            x = block(x, emb.e0, emb.ae0, emb.context, rope, emb.grid.num_video_tokens, self._ops)
+            x = block(x, emb.e0, emb.ae0, emb.context, rope, emb.grid.num_video_tokens, ops)
         return x
 
     def unpatchify_video(self, out: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:

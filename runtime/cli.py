@@ -6,6 +6,7 @@ and hands it to the library. Typed javisrt errors become one-line messages and e
     javisrt demo [--out demo.mp4]                       tiny random weights, no files needed
     javisrt generate --checkpoint DIR --wan-dir DIR --audioldm2-dir DIR --prompt "..." [-o samples]
     javisrt generate --tiny --prompt-file prompts.csv   (csv: column ``text``, optional ``audio_text``, ``id``)
+    torchrun --nproc_per_node N -m javisrt.runtime.cli generate ... [--parallel cfg=2,sp=K]   (runtime/parallel.py)
     javisrt export --checkpoint DIR --precision bf16|fp8 --flavor native|plugin --out DIR
     javisrt build --onnx DIR --out engine.plan          (TensorRT, GPU only)
     javisrt bench --backend torch|ort|trt [--compare BACKEND] [--pipeline]
@@ -18,7 +19,9 @@ import csv
 import importlib
 import importlib.util
 import logging
+import os
 import re
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from javisrt.engine.config import GenerationMode
-from javisrt.engine.errors import ConfigError, JavisError, UnavailableError
+from javisrt.engine.errors import ConfigError, JavisError, LauncherStopped, UnavailableError
 from javisrt.runtime.backends import ENGINES
 from javisrt.runtime.sampling import Solver
 
@@ -220,6 +223,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--name-prefix", default="sample", help="file names: PREFIX_0000.mp4 ... (csv 'id' wins)")
     gen.add_argument("--skip-existing", action="store_true", help="skip prompts whose MP4 already exists")
     gen.add_argument("--tiny", action="store_true", help="use the tiny random-weight pipeline (no weights needed)")
+    par = gen.add_argument_group("several processes (launch with torchrun --nproc_per_node N)")
+    par.add_argument(
+        "--parallel", metavar="cfg=C,sp=K",
+        help="compute each video on C*K ranks (must equal the world size): cfg=2 splits the CFG batch, sp=K "
+        "(dividing the head count) splits the token sequence; torch backend only. Without it, torchrun's "
+        "ranks split the prompt list (data parallel)",
+    )  # fmt: skip
+    par.add_argument(
+        "--dist-timeout", type=float, default=600.0, metavar="SECONDS",
+        help="longest wait of a rank in a collective before it gives up with an error (default 600)",
+    )  # fmt: skip
     _add_weights(gen)
     _add_engine(gen)
     _add_request(gen, frames=65, steps=50, seed=42)
@@ -268,10 +282,13 @@ def generation_config(args: argparse.Namespace) -> Any:
     )
 
 
-def _load_pipeline(args: argparse.Namespace, tiny: bool) -> Any:
+def _load_pipeline(args: argparse.Namespace, tiny: bool, device: Any = None, parallel: Any = None) -> Any:
+    """The pipeline of the flags; ``device`` overrides --device and ``parallel`` (a ParallelContext of a
+    --parallel launch) runs the torch engine's forward over the ranks."""
     from javisrt.runtime.demo import build_tiny_pipeline
     from javisrt.runtime.pipeline import JavisPipeline
 
+    device = args.device if device is None else device
     if args.backend == "torch" and args.engine_file:
         raise ConfigError("--engine-file is for --backend onnxruntime or tensorrt; the torch engine runs --checkpoint")
     if args.backend != "torch" and args.checkpoint:
@@ -279,7 +296,9 @@ def _load_pipeline(args: argparse.Namespace, tiny: bool) -> Any:
     if tiny:
         if args.checkpoint or args.wan_dir or args.audioldm2_dir:
             raise ConfigError("--tiny uses random weights; do not combine it with --checkpoint/--wan-dir/--audioldm2-dir")
-        return build_tiny_pipeline(backend=args.backend, engine_file=args.engine_file, ops=args.ops, device=args.device)
+        return build_tiny_pipeline(
+            backend=args.backend, engine_file=args.engine_file, ops=args.ops, device=device, parallel=parallel
+        )
     if args.backend == "torch" and not args.checkpoint:
         raise ConfigError("real weights need --checkpoint (or --engine-file with a compiled backend), or use --tiny")
     if not args.wan_dir:
@@ -289,41 +308,60 @@ def _load_pipeline(args: argparse.Namespace, tiny: bool) -> Any:
         args.wan_dir,
         args.audioldm2_dir,
         config=args.config,
-        device=args.device,
+        device=device,
         backend=args.backend,
         engine_file=args.engine_file,
         ops=args.ops,
+        parallel=parallel,
     )
 
 
+def _num_heads(args: argparse.Namespace) -> int:
+    """Attention heads of the network the flags name, known before any weights are read: the tiny preset,
+    --config, else the presets the loader picks from (12 heads; a javisrt file's own config is checked
+    again once loaded, by the parallel backend)."""
+    from javisrt.engine.config import JavisConfig
+    from javisrt.runtime.demo import TINY_PRESET
+
+    return JavisConfig.from_name(TINY_PRESET if args.tiny else args.config or "javisdit-v1.0").num_heads
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    from javisrt.runtime import parallel
     from javisrt.runtime.media import check_writable_dir
 
     config = generation_config(args)
     items = read_prompts(args.prompt, args.prompt_file, args.name_prefix)
+    launch = parallel.LaunchEnv.from_environ(os.environ)  # torchrun's RANK / WORLD_SIZE / LOCAL_RANK
+    plan = parallel.plan_for_launch(args.parallel, launch.world_size, _num_heads(args))  # before any model
+    if plan.model_parallel > 1 and args.backend != "torch":
+        raise ConfigError(f"--parallel runs the eager torch backend (op-set wrappers), not --backend {args.backend}")
     out_dir = Path(args.output_dir)
     check_writable_dir(out_dir)
-    todo = []
-    for i, item in enumerate(items):
-        path = out_dir / f"{item.name}.mp4"
-        if args.skip_existing and path.exists():
-            log.info("skip %s (exists)", path)
-            continue
-        todo.append((i, item, path))
-    if not todo:
-        log.info("nothing to do: all %d outputs exist", len(items))
-        return 0
-    pipe = _load_pipeline(args, args.tiny)
-    pipe.check(config)  # mode vs checkpoint before any work
-    mode = GenerationMode(config.mode)
-    for n, (i, item, path) in enumerate(todo):
-        bars = ProgressBars(args.quiet, label=f"[{n + 1}/{len(todo)}]")
-        try:
-            result = pipe(item.prompt_for(mode), config, progress=bars, seed=config.seed + i)
-        finally:
-            bars.close()
-        result.save(path)
-        log.info("[%d/%d] %s", n + 1, len(todo), path)
+    with parallel.session(plan, launch, args.device, args.dist_timeout) as ctx:
+        todo = []
+        for i, item in ctx.share(list(enumerate(items))):  # data parallel: every world_size-th prompt
+            path = out_dir / f"{item.name}.mp4"
+            if args.skip_existing and path.exists():
+                log.info("skip %s (exists)", path)
+                continue
+            todo.append((i, item, path))
+        if not todo:
+            log.info("nothing to do: all %d outputs exist", len(items))
+            return 0
+        pipe = _load_pipeline(args, args.tiny, ctx.device, ctx if plan.model_parallel > 1 else None)
+        pipe.check(config)  # mode vs checkpoint before any work
+        mode = GenerationMode(config.mode)
+        rank = f"rank {ctx.rank}: " if ctx.distributed else ""
+        for n, (i, item, path) in enumerate(todo):
+            bars = ProgressBars(args.quiet or not ctx.writes_outputs, label=f"{rank}[{n + 1}/{len(todo)}]")
+            try:
+                result = pipe(item.prompt_for(mode), config, progress=bars, seed=config.seed + i)
+            finally:
+                bars.close()
+            if ctx.writes_outputs:  # model parallel: every rank holds the same result, rank 0 writes it
+                result.save(path)
+                log.info("%s[%d/%d] wrote %s", rank, n + 1, len(todo), path)
     return 0
 
 
@@ -365,18 +403,50 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
         transformers_logging.disable_progress_bar()
 
 
+def _stop_on_sigterm(signum: int, frame: Any) -> None:
+    """torchrun's agent sends SIGTERM to every rank once one exits: raise, so the rank reports why."""
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    raise LauncherStopped("stopped by the launcher (SIGTERM): another rank exited first")
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    """After this rank's error is logged, a (further) SIGTERM exits with the error code at once."""
+    _exit_rank(EXIT_ERROR)
+
+
+def _exit_rank(code: int) -> None:
+    """A failed rank leaves at once: Python handlers do not run during interpreter teardown, so
+    torchrun's SIGTERM (sent once another rank has exited) would end it with -15 instead of ``code``."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one of several ranks (torchrun)
+        signal.signal(signal.SIGTERM, _stop_on_sigterm)
+        code = _main(argv)
+        if code:
+            _exit_rank(code)
+        return code
+    return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("-q", "--quiet", action="store_true")
     pre.add_argument("-v", "--verbose", action="store_true")
     known, _ = pre.parse_known_args(argv)
     _setup_logging(known.quiet, known.verbose)
-    args = build_parser().parse_args(argv)
-    func: Callable[[argparse.Namespace], int] = args.func
-    try:
+    try:  # parsing too: building the parser imports torch, during which a rank may get the launcher's SIGTERM
+        args = build_parser().parse_args(argv)
+        func: Callable[[argparse.Namespace], int] = args.func
         return int(func(args) or 0)
     except (JavisError, NotImplementedError) as exc:
+        if signal.getsignal(signal.SIGTERM) is _stop_on_sigterm:
+            signal.signal(signal.SIGTERM, _exit_on_sigterm)
         log.debug("traceback", exc_info=True)
         log.error("%s", exc)
         return EXIT_ERROR

@@ -208,14 +208,18 @@ def build_tiny_pipeline(
     *,
     ops: str = "torch",
     device: torch.device | str = "cpu",
+    parallel: Any = None,
 ) -> JavisPipeline:
     """The whole pipeline on the ``tiny`` preset with seeded random components (no files read, except
     ``engine_file``: a compiled tiny DiT for the onnxruntime / tensorrt engines, whose metadata then
-    gives the network config; the torch engine runs :func:`tiny_dit`)."""
+    gives the network config; the torch engine runs :func:`tiny_dit`). ``parallel``: the ParallelContext
+    of a --parallel launch (torch engine)."""
     if backend == "torch":
-        engine = create_engine("torch", model=tiny_dit(seed), engine_file=engine_file, ops=ops, device=device)
+        engine = create_engine(
+            "torch", model=tiny_dit(seed), engine_file=engine_file, ops=ops, device=device, parallel=parallel
+        )
     else:
-        engine = create_engine(backend, engine_file=engine_file, ops=ops, device=device)
+        engine = create_engine(backend, engine_file=engine_file, ops=ops, device=device, parallel=parallel)
     cfg = engine.contract.config
     text = TextEncoder(
         tiny_tokenizer(cfg.text_len),

@@ -220,6 +220,7 @@ class JavisPipeline:
         engine_file: str | os.PathLike[str] | None = None,
         ops: str = "torch",
         text_cache: PromptCache | None = None,
+        parallel: Any = None,
     ) -> JavisPipeline:
         """Load everything from local directories (no hub):
 
@@ -227,14 +228,15 @@ class JavisPipeline:
         dir, or a javisrt file — see engine/checkpoint.py); ``engine_file``: the compiled DiT for the
         onnxruntime / tensorrt engines instead (its metadata carries the network config);
         ``wan_dir``: Wan2.1 with the video VAE, umT5 encoder and tokenizer; ``audioldm2_dir``:
-        ``vae/`` + ``vocoder/`` (not needed for a t2v network).
+        ``vae/`` + ``vocoder/`` (not needed for a t2v network). ``parallel``: the ParallelContext of a
+        ``--parallel`` launch (the torch engine's forward then runs over the ranks).
         """
         for what, path in (("checkpoint", checkpoint), ("engine file", engine_file), ("Wan2.1 directory", wan_dir)):
             if path is not None and not Path(path).exists():
                 raise CheckpointError(f"{what} not found: {path}")
         engine = create_engine(
             backend, checkpoint=checkpoint, config=config if backend == "torch" else None, engine_file=engine_file,
-            numerics=numerics if backend == "torch" else None, device=device, ops=ops,
+            numerics=numerics if backend == "torch" else None, device=device, ops=ops, parallel=parallel,
         )  # fmt: skip
         cfg = engine.contract.config
         text = TextEncoder.from_pretrained(wan_dir, dtype=text_dtype, device=device, text_len=cfg.text_len, cache=text_cache)

@@ -3,7 +3,9 @@
 :func:`create_engine` builds and loads one :class:`~javisrt.runtime.engine.Engine` implementation:
 
   ``torch``        :class:`~javisrt.runtime.backends.torch_engine.TorchEngine`: the eager DiT
-                   (``model=`` or ``checkpoint=``), op set ``ops`` (torch | triton), any generation mode
+                   (``model=`` or ``checkpoint=``), op set ``ops`` (torch | triton), any generation mode;
+                   with ``parallel=`` (a ``runtime.parallel.ParallelContext``) its forward runs over
+                   CFG-parallel / sequence-parallel ranks (``backends/torch_parallel.py``)
   ``onnxruntime``  :class:`~javisrt.runtime.backends.onnxruntime_engine.OnnxRuntimeEngine`: an exported
                    graph (``engine_file=`` .onnx); CPU, or the CUDA execution provider on a CUDA device
   ``tensorrt``     :class:`~javisrt.runtime.backends.tensorrt_engine.TensorRTEngine`: a plan built by
@@ -44,13 +46,15 @@ def create_engine(
     ops: str = "torch",
     numerics: Numerics | str | None = None,
     cuda_graphs: bool = False,
+    parallel: Any = None,
     **options: Any,
 ) -> Engine:
     """The engine ``name``, loaded and ready.
 
     torch: exactly one of ``model`` / ``checkpoint`` (``config``: the preset when the checkpoint does
     not say; ``numerics`` default: the model's own, official for a checkpoint), ``mode`` (default:
-    every modality of the network), ``ops``, ``cuda_graphs``. onnxruntime / tensorrt: ``engine_file``;
+    every modality of the network), ``ops``, ``cuda_graphs``, ``parallel`` (a ParallelContext of a
+    --parallel launch). onnxruntime / tensorrt: ``engine_file``;
     ``options`` go to the engine's constructor (e.g. ``intra_op_threads``, ``refit_onnx``). A mode the
     compiled file was not exported for is refused by the caller through ``engine.contract.mode``.
     """
@@ -71,7 +75,9 @@ def create_engine(
             model = load_model(checkpoint, config, Numerics.OFFICIAL if numerics is None else numerics, dev, ops)
         from javisrt.runtime.backends.torch_engine import TorchEngine
 
-        engine: Engine = TorchEngine(model, mode=mode, ops=ops, numerics=numerics, device=dev, cuda_graphs=cuda_graphs)
+        engine: Engine = TorchEngine(
+            model, mode=mode, ops=ops, numerics=numerics, device=dev, cuda_graphs=cuda_graphs, parallel=parallel
+        )
     else:
         if model is not None or checkpoint is not None:
             raise ConfigError(
@@ -82,6 +88,8 @@ def create_engine(
             raise ConfigError(f"the {name} engine needs engine_file= (--engine-file): the compiled DiT to run")
         if ops != "torch":
             raise ConfigError(f"op sets (--ops {ops}) apply to the torch engine; the {name} engine runs its compiled graph")
+        if parallel is not None:
+            raise ConfigError(f"--parallel runs the torch engine (op-set wrappers over ranks), not the {name} engine")
         engine = _compiled(name, engine_file, dev, cuda_graphs, options)
     engine.load()
     return engine

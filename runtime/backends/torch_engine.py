@@ -77,13 +77,21 @@ class TorchEngine(Engine):
         numerics: Numerics | str | None = None,
         device: torch.device | str = "cpu",
         cuda_graphs: bool = False,
+        parallel: Any = None,
     ) -> None:
         super().__init__(DiTContract.for_config(model.cfg, mode=mode))
+        # A runtime.parallel.ParallelContext with cfg=2 and/or sp>1: the forward runs over the ranks
+        # (runtime/backends/torch_parallel.py); None: this process alone.
+        self.parallel = parallel
+        if parallel is not None:
+            from javisrt.runtime.backends.torch_parallel import check_parallel
+
+            check_parallel(model, parallel)
         self._device = torch.device(device)
         if cuda_graphs and self._device.type != "cuda":
             raise ConfigError(f"cuda_graphs=True needs a CUDA device, got {self._device}")
-        if ops == "triton" and self._device.type != "cuda":
-            raise ConfigError("ops='triton' runs the Triton kernels, which need a CUDA device")
+        # ops "triton" on a CPU device runs only under Triton's interpreter (TRITON_INTERPRET=1, as the tests
+        # set it); otherwise Triton itself refuses the CPU tensors.
         self._model_arg = model
         self._ops = ops
         # None: the model keeps its numerics.
@@ -125,7 +133,13 @@ class TorchEngine(Engine):
         assert self.model is not None and self.bucket is not None
         with torch.inference_mode():
             inputs = {n: self._buffers[n] for n in self.contract.input_names}
-            out = contract_forward(self.model, inputs, self.bucket.as_dims()[VIDEO_FRAMES])
+            frames = self.bucket.as_dims()[VIDEO_FRAMES]
+            if self.parallel is None:
+                out = contract_forward(self.model, inputs, frames)
+            else:
+                from javisrt.runtime.backends.torch_parallel import parallel_contract_forward
+
+                out = parallel_contract_forward(self.model, inputs, frames, self.parallel)
             for name in self.contract.output_names:
                 self._buffers[name].copy_(out[name])
 
@@ -160,7 +174,7 @@ class TorchEngine(Engine):
             return self
         other = TorchEngine(
             self._model_arg, mode=mode, ops=self._ops, numerics=self._numerics, device=self._device,
-            cuda_graphs=self.cuda_graphs,
+            cuda_graphs=self.cuda_graphs, parallel=self.parallel,
         )  # fmt: skip
         if self.state is not self.state.UNLOADED:
             other.load()
