@@ -41,7 +41,7 @@ from javisrt.runtime.latents import (
 )
 from javisrt.runtime.media import check_writable_dir
 from javisrt.runtime.pipeline import GenerationConfig, JavisPipeline, Progress
-from javisrt.runtime.text import UMT5_XXL, TextEncoder
+from javisrt.runtime.text import UMT5_XXL, PromptCache, TextEncoder
 
 TINY_PRESET = "tiny"
 # The demo request: 2 s (33 frames) at 64 x 64, enough to show motion and sound, fast on 2 CPU cores.
@@ -201,15 +201,20 @@ class DemoReport:
 
 
 def build_tiny_pipeline(
-    seed: int = 0, backend: str = "torch", backend_options: dict[str, Any] | None = None
+    seed: int = 0,
+    backend: str = "torch",
+    backend_options: dict[str, Any] | None = None,
+    text_cache: PromptCache | None = None,
 ) -> JavisPipeline:
-    """The whole pipeline on the ``tiny`` preset with seeded random components (no files read)."""
+    """The whole pipeline on the ``tiny`` preset with seeded random components (no files read);
+    ``text_cache`` as in :meth:`JavisPipeline.from_pretrained` (e.g. one shared by server workers)."""
     dit = tiny_dit(seed)
     text = TextEncoder(
         tiny_tokenizer(dit.cfg.text_len),
         tiny_umt5(seed + 1, d_model=dit.cfg.text_dim),
         identity=f"tiny-umt5:seed={seed + 1}",
         text_len=dit.cfg.text_len,
+        cache=text_cache,
     )
     video = VideoDecoder(tiny_video_vae(seed + 2))
     audio = AudioDecoder(tiny_audio_vae(seed + 3), tiny_vocoder(seed + 4))
