@@ -83,6 +83,7 @@ class Job:
     worker: str | None = None
     cancel: threading.Event = field(default_factory=threading.Event)  # polled by the sampling loop
     cancel_reason: str | None = None  # "client" (DELETE / sync disconnect) or "shutdown"
+    cancel_requested_at_step: int | None = None  # denoise steps done when the cancel arrived
     finished: asyncio.Event = field(default_factory=asyncio.Event)  # set on the event loop when final
 
     @classmethod
@@ -123,6 +124,7 @@ class Job:
             **self.extensions,
             "stage": self.stage,
             "steps_done": self.steps_done,
+            "cancel_requested_at_step": self.cancel_requested_at_step,
             "started_at": self.started_at,  # float seconds: the queue wait is started_at - created_at
             "timings": {k: round(v, 6) for k, v in self.timings.items()},
         }

@@ -132,6 +132,8 @@ class WorkerPool:
         """Cancel ``job``: at once if queued, at the next denoise step if running."""
         job.cancel_reason = job.cancel_reason or reason
         job.cancel.set()
+        if job.cancel_requested_at_step is None:  # read after the set: the loop stops at most one step later
+            job.cancel_requested_at_step = job.steps_done
         if self.queue.remove(job):
             self.store.finish(job, JobStatus.CANCELLED)
 
