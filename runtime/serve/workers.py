@@ -49,6 +49,9 @@ class WorkerPool:
         self._pipelines: list[JavisPipeline] = []
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
+        # Pipelines are built one at a time: transformers' lazy imports are not thread-safe (two
+        # workers importing at once raised "cannot import name 'PreTrainedTokenizerFast'").
+        self._load_lock = threading.Lock()
         self._stopping = threading.Event()
         self.accepting = True
         self.load_error: str | None = None
@@ -140,8 +143,9 @@ class WorkerPool:
     # ---- the worker -----------------------------------------------------------------------------
     def _worker(self, device: str, name: str) -> None:
         try:
-            t0 = time.perf_counter()
-            pipe = self.factory(device)
+            with self._load_lock:
+                t0 = time.perf_counter()
+                pipe = self.factory(device)
             log.info("%s: pipeline %s loaded in %.1f s", name, pipe.name, time.perf_counter() - t0)
         except Exception as exc:  # any load failure is fatal for the server, reported once
             log.exception("%s: the pipeline failed to load", name)
