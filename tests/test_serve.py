@@ -25,6 +25,7 @@ import httpx
 import openai
 import pytest
 
+from javisrt.bench.serve_load import LoadOptions, format_table, run_load, summary_row
 from javisrt.runtime.latents import FPS
 from javisrt.runtime.serve.process import ServerProcess
 from tests._serve import (
@@ -331,6 +332,17 @@ def test_list_pagination(http: httpx.Client) -> None:
     assert_error(http.get("/v1/videos", params={"order": "up"}), 400, "order")
     for i in ids:
         http.delete(f"/v1/videos/{i}")
+
+
+def test_serve_load_bench_counts_every_request(server: ServerProcess) -> None:
+    opts = LoadOptions(url=server.url, api_key=API_KEY, clients=2, duration_s=2.0, timeout_s=JOB_TIMEOUT_S,
+                       poll_s=POLL_S, request={"prompt": "load", **SMALL})  # fmt: skip
+    rows, wall_s = run_load(opts)
+    summary = summary_row(rows, wall_s, opts)
+    assert summary["completed"] == len(rows) >= 2 and summary["errors"] == {}
+    assert 0 <= summary["queue_wait_s"]["p50"] <= summary["e2e_s"]["p99"]
+    assert summary["requests_per_min"] == pytest.approx(len(rows) / wall_s * 60)
+    assert "requests per minute" in format_table(summary)
 
 
 # ---- the playground in headless Chromium (Debian's package; .ci/run installs it) -------------------------------

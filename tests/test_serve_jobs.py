@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from javisrt.runtime.latents import BUCKETS
+
 from javisrt.runtime.serve.config import ServeConfig, bucket_sizes, frames_for_seconds
 from javisrt.runtime.serve.errors import APIError
 from javisrt.runtime.serve.jobs import Job, JobQueue, JobStatus, JobStore, QueueFull, valid_id
@@ -53,9 +55,15 @@ def test_bad_fields_name_their_param(fields: dict[str, object], param: str) -> N
     assert err.value.status == 400 and err.value.param == param
 
 
-def test_default_sizes_are_the_buckets_released_first() -> None:
+def test_default_sizes_are_the_generable_buckets_released_first() -> None:
     sizes = bucket_sizes()
     assert sizes[0] == "426x240" and "240x426" in sizes and len(sizes) == len(set(sizes))
+    everything = ServeConfig(min_frames=17)
+    for size in sizes:  # each one is a request the pipeline accepts
+        req = parse_video_request({"prompt": "x", "size": size, "num_frames": 17}, everything)
+        assert req.config.geometry().video is not None
+    buckets = {f"{w}x{h}" for res in BUCKETS.values() for (h, w) in res.values()}
+    assert set(sizes) == {s for s in buckets if all(int(v) % 2 == 0 for v in s.split("x"))}
 
 
 def test_ids_are_random_and_validated() -> None:

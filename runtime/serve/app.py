@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 MAX_LIST = 100
 CHUNK = 1 << 16
 DISCONNECT_POLL_S = 0.5  # a /sync request checks this often whether its client went away
+POLL_AFTER_MS = 500  # advised poll interval of an unfinished job (the SDK's create_and_poll reads it)
 FORM_CONTENT_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 
 
@@ -234,7 +235,7 @@ def create_app(cfg: ServeConfig, factory: PipelineFactory) -> FastAPI:
         pool.check(req.config)
         job = Job.create(req, sync=sync)
         pool.submit(job)
-        log.info("%s queued: %s %s, %d frames, %d steps%s", job.id, req.size, req.config.mode.value,
+        log.info("%s queued: %s %s, %d frames, %d steps%s", job.id, req.size, job.extensions["mode"],
                  req.config.num_frames, req.config.steps, " (sync)" if sync else "")  # fmt: skip
         return job
 
@@ -288,8 +289,10 @@ def create_app(cfg: ServeConfig, factory: PipelineFactory) -> FastAPI:
                 "last_id": data[-1]["id"] if data else None, "has_more": more}  # fmt: skip
 
     @app.get("/v1/videos/{video_id}", dependencies=auth)
-    async def retrieve_video(video_id: str) -> dict[str, Any]:
-        return job_or_404(video_id).to_object()
+    async def retrieve_video(video_id: str) -> JSONResponse:
+        job = job_or_404(video_id)
+        headers = {} if job.status.final else {"openai-poll-after-ms": str(POLL_AFTER_MS)}
+        return JSONResponse(job.to_object(), headers=headers)
 
     @app.get("/v1/videos/{video_id}/content", dependencies=auth)
     async def video_content(video_id: str, variant: str = "video") -> StreamingResponse:

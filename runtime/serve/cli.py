@@ -84,8 +84,8 @@ def register(subparsers: Any) -> None:
     q.add_argument("--max-steps", type=int, default=200, help="largest num_inference_steps accepted (default 200)")
     q.add_argument("--min-frames", type=int, default=MIN_FRAMES,
                    help=f"smallest num_frames accepted, 4n+1 >= 17 (default {MIN_FRAMES}; seconds always map to 33..81)")  # fmt: skip
-    q.add_argument("--sizes", help="comma-separated WxH sizes served, the first is the default "
-                   "(default: every resolution bucket, 426x240 first)")  # fmt: skip
+    q.add_argument("--sizes", help="comma-separated WxH sizes served, the first is the default (default: every "
+                   "resolution bucket, 426x240 first; --tiny puts the demo's 64x64 before them)")  # fmt: skip
     q.add_argument("--shutdown-grace", type=float, default=30.0,
                    help="on SIGTERM, seconds running jobs may finish before they are cancelled (default 30)")  # fmt: skip
     q.add_argument("--cancel-wait", type=float, default=30.0,
@@ -96,6 +96,7 @@ def register(subparsers: Any) -> None:
 
 
 def serve_config(args: argparse.Namespace) -> Any:
+    from javisrt.runtime.demo import DEMO_SIZE
     from javisrt.runtime.serve.config import ServeConfig, bucket_sizes
 
     if args.tiny and (args.checkpoint or args.wan_dir or args.audioldm2_dir):
@@ -107,7 +108,10 @@ def serve_config(args: argparse.Namespace) -> Any:
         raise ConfigError("--tiny builds its pipeline on the CPU; use --devices cpu (repeat it for more workers)")
     name = args.served_model_name or (TINY_MODEL_NAME if args.tiny else Path(args.checkpoint).resolve().name)
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
-    sizes = tuple(s.strip() for s in args.sizes.split(",") if s.strip()) if args.sizes else bucket_sizes()
+    if args.sizes:
+        sizes = tuple(s.strip() for s in args.sizes.split(",") if s.strip())
+    else:  # the tiny pipeline is a CPU demo: its small size first, so the playground's default is quick
+        sizes = ((f"{DEMO_SIZE[1]}x{DEMO_SIZE[0]}",) if args.tiny else ()) + bucket_sizes()
     return ServeConfig(
         model_name=name, devices=devices, output_dir=Path(args.output_dir), max_queue=args.max_queue,
         api_key=api_key, ttl_s=args.ttl, max_records=args.max_records, max_body_bytes=args.max_body_bytes,

@@ -37,8 +37,10 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def bucket_sizes() -> tuple[str, ...]:
-    """Every bucket as ``"WxH"``, the released default first, then by resolution and aspect."""
-    sizes = [f"{w}x{h}" for res in BUCKETS.values() for (h, w) in res.values()]
+    """Every bucket the pipeline can generate as ``"WxH"``, the released default first, then by
+    resolution and aspect. Buckets with an odd side (144p ones such as 312x117) are left out:
+    ``latent_geometry`` needs even sizes."""
+    sizes = [f"{w}x{h}" for res in BUCKETS.values() for (h, w) in res.values() if h % 2 == 0 and w % 2 == 0]
     return (DEFAULT_SIZE, *dict.fromkeys(s for s in sizes if s != DEFAULT_SIZE))
 
 
