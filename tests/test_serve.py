@@ -164,6 +164,17 @@ def test_sync_route_returns_mp4_with_server_timing(http: httpx.Client, tmp_path:
     assert http.get(f"/v1/videos/{r.headers['x-video-id']}").status_code == 404  # a sync job is gone once sent
 
 
+def test_sync_client_that_goes_away_cancels_its_job(server: ServerProcess, http: httpx.Client) -> None:
+    before = metric(http, "javisrt_jobs_total", '{status="cancelled"}')
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up long before 1000 steps
+        http.post("/v1/videos/sync", json={"prompt": "never mind", **LONG}, timeout=2.0)
+    deadline = time.monotonic() + 30.0
+    while metric(http, "javisrt_jobs_total", '{status="cancelled"}') == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert metric(http, "javisrt_jobs_total", '{status="cancelled"}') == before + 1
+    assert metric(http, "javisrt_requests_running") == 0
+
+
 def test_models_health_ready(server: ServerProcess, http: httpx.Client) -> None:
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}  # no key needed
     assert http.get("/ready").json()["status"] == "ready"

@@ -1,5 +1,5 @@
-"""runtime/serve, in process: request validation, the bounded queue, and the job store's TTL, record
-cap and restart recovery (no server, no pipeline run)."""
+"""runtime/serve, in process: request validation, the bounded queue, the job store's TTL, record cap
+and restart recovery, and the app's handling of a failing generation (no server process)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,14 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 
+from javisrt.engine.errors import ConfigError
 from javisrt.runtime.latents import BUCKETS
-
+from javisrt.runtime.pipeline import GenerationConfig, GenerationResult
+from javisrt.runtime.serve.app import create_app
 from javisrt.runtime.serve.config import ServeConfig, bucket_sizes, frames_for_seconds
 from javisrt.runtime.serve.errors import APIError
 from javisrt.runtime.serve.jobs import Job, JobQueue, JobStatus, JobStore, QueueFull, valid_id
@@ -155,3 +159,46 @@ def test_progress_is_per_step_and_100_only_when_completed(tmp_path: Path) -> Non
     store.finish(job, JobStatus.COMPLETED)
     assert job.progress == 100 and job.to_object()["status"] == "completed"
     assert time.time() - job.created_at < 60
+
+
+# ---- the app in process, over a pipeline double that fails on request ------------------------------------
+class FailingOnRequest:
+    """Stands in for JavisPipeline where a test needs a generation to fail: prompts starting with
+    "raise:" raise, others return a small black clip with silence (a real GenerationResult)."""
+
+    name = "double"
+
+    def check(self, config: object) -> None:
+        return None
+
+    def __call__(self, prompt: str, config: GenerationConfig, *, progress: object, cancel: object) -> GenerationResult:
+        if prompt.startswith("raise:config"):
+            raise ConfigError("the double refuses this request")
+        if prompt.startswith("raise:bug"):
+            raise ZeroDivisionError("division by zero")
+        h, w = config.size
+        frames = np.zeros((config.num_frames, h, w, 3), np.uint8)
+        wave = np.zeros(config.num_frames * 1000, np.float32)
+        return GenerationResult(frames=frames, waveform=wave, prompt=prompt, config=config)
+
+
+def test_a_failing_job_is_failed_with_its_message_and_the_worker_goes_on(tmp_path: Path) -> None:
+    app = create_app(ServeConfig(sizes=("32x32",), min_frames=17, output_dir=tmp_path), lambda device: FailingOnRequest())
+    with TestClient(app) as client:
+
+        def run(prompt: str) -> dict[str, object]:
+            video = client.post("/v1/videos", json={"prompt": prompt, "num_frames": 17, "num_inference_steps": 1}).json()
+            deadline = time.monotonic() + 30.0
+            while video["status"] in ("queued", "in_progress") and time.monotonic() < deadline:
+                time.sleep(0.02)
+                video = client.get(f"/v1/videos/{video['id']}").json()
+            return dict(video)
+
+        config_error, bug, fine = run("raise:config"), run("raise:bug"), run("a cat")
+        assert config_error["status"] == "failed"
+        assert config_error["error"] == {"code": "ConfigError", "message": "the double refuses this request"}
+        assert bug["status"] == "failed" and bug["error"] == {"code": "internal_error",  # type: ignore[comparison-overlap]
+                                                              "message": "ZeroDivisionError: division by zero"}
+        assert fine["status"] == "completed"
+        assert client.get("/health").status_code == 200
+        assert sorted(p.name for p in tmp_path.glob("*.mp4")) == [f"{fine['id']}.mp4"]
