@@ -443,10 +443,10 @@ def test_playground_in_headless_chromium(server: ServerProcess, tmp_path: Path) 
         session = browser.send("Target.attachToTarget", {"targetId": page, "flatten": True})["sessionId"]
         browser.send("Page.enable", session=session)
         browser.send("Page.navigate", {"url": f"{server.url}/"}, session=session)
+        loaded = "document.readyState + ':' + !!document.getElementById('submit')"
         deadline = time.monotonic() + 30.0
         while time.monotonic() < deadline:  # the page and its script are loaded
-            state = browser.send("Runtime.evaluate", {"expression": "document.readyState + ':' + !!document.getElementById('submit')",
-                                                      "returnByValue": True}, session=session)  # fmt: skip
+            state = browser.send("Runtime.evaluate", {"expression": loaded, "returnByValue": True}, session=session)
             if state["result"].get("value") == "complete:true":
                 break
             time.sleep(0.1)

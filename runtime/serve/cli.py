@@ -71,8 +71,8 @@ def register(subparsers: Any) -> None:
     n = p.add_argument_group("network and security")
     n.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: loopback only)")
     n.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
-    n.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' on every route but /health and / "
-                   f"(default: the {API_KEY_ENV} environment variable; unset = no key)")  # fmt: skip
+    n.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' on every route but /health and / (default: "
+                   f"the {API_KEY_ENV} environment variable, which unlike a flag does not show in ps; unset = no key)")  # fmt: skip
     n.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body cap, 413 above (default 1 MiB)")
     n.add_argument("--max-prompt-chars", type=int, default=4000, help="prompt / negative prompt cap (default 4000)")
 

@@ -78,7 +78,8 @@ class Job:
     completed_at: float | None = None
     expires_at: float | None = None
     error: dict[str, str] | None = None
-    timings: dict[str, float] = field(default_factory=dict)  # queue_s, text_s, denoise_s, decode_s, mux_s
+    # queue_s, text_s, denoise_s, decode_s, mux_s, total_s; replaced, never mutated (see add_timings)
+    timings: dict[str, float] = field(default_factory=dict)
     path: Path | None = None
     worker: str | None = None
     cancel: threading.Event = field(default_factory=threading.Event)  # polled by the sampling loop
@@ -92,6 +93,10 @@ class Job:
             id=new_id(), prompt=request.prompt, model=request.model, seconds=request.seconds, size=request.size,
             extensions=request.extensions(), config=request.config, created_at=time.time(), sync=sync,
         )  # fmt: skip
+
+    def add_timings(self, **seconds: float) -> None:
+        """Add stage times by swapping in a new dict: a reader on another thread never sees one change size."""
+        self.timings = {**self.timings, **seconds}
 
     @property
     def progress(self) -> int:
@@ -272,7 +277,7 @@ class JobStore:
             job.error = error
             job.completed_at = now
             job.expires_at = now + self.ttl_s
-            job.timings["total_s"] = now - job.created_at
+            job.add_timings(total_s=now - job.created_at)
             still_stored = job.id in self._jobs
             if (status is not JobStatus.COMPLETED or not still_stored) and job.path is not None:
                 job.path.unlink(missing_ok=True)  # a failed, cancelled or already deleted job keeps no file

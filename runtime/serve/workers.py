@@ -170,7 +170,7 @@ class WorkerPool:
             else:
                 job.status, job.stage, job.worker = JobStatus.IN_PROGRESS, "text", name
                 job.started_at = time.time()
-                job.timings["queue_s"] = job.started_at - job.created_at
+                job.add_timings(queue_s=job.started_at - job.created_at)
                 self._running[job.id] = job
                 start = True
         if start:
@@ -203,7 +203,7 @@ class WorkerPool:
                 self.store.finish(job, JobStatus.FAILED, {"code": "internal_error",
                                                           "message": f"{type(exc).__name__}: {exc}"})  # fmt: skip
                 return
-            job.timings.update({k: result.timings[k] for k in ("text_s", "denoise_s", "decode_s") if k in result.timings})
+            job.add_timings(**{k: result.timings[k] for k in ("text_s", "denoise_s", "decode_s") if k in result.timings})
             for s in result.step_times_s:
                 self.metrics.step.observe(s)
             if job.cancel.is_set():  # cancelled during decode: drop the result
@@ -221,7 +221,7 @@ class WorkerPool:
             finally:
                 del result
             job.path = path
-            job.timings["mux_s"] = time.perf_counter() - t0
+            job.add_timings(mux_s=time.perf_counter() - t0)
             if job.cancel.is_set():
                 self._finish_cancelled(job)
             else:
