@@ -230,14 +230,16 @@ def create_app(cfg: ServeConfig, factory: PipelineFactory) -> FastAPI:
         raise APIError(415, "send the request as application/json or multipart/form-data",
                        code="unsupported_content_type")  # fmt: skip
 
-    async def admit(request: Request, sync: bool) -> Job:
+    async def admit(request: Request, sync: bool) -> tuple[Job, dict[str, Any]]:
+        """Validate, queue; the job and its object as created (status "queued", whatever a worker does next)."""
         req = parse_video_request(await read_fields(request), cfg)
         pool.check(req.config)
         job = Job.create(req, sync=sync)
+        created = job.to_object()
         pool.submit(job)
         log.info("%s queued: %s %s, %d frames, %d steps%s", job.id, req.size, job.extensions["mode"],
                  req.config.num_frames, req.config.steps, " (sync)" if sync else "")  # fmt: skip
-        return job
+        return job, created
 
     # ---- routes ---------------------------------------------------------------------------------
     @app.get("/", include_in_schema=False)
@@ -270,7 +272,7 @@ def create_app(cfg: ServeConfig, factory: PipelineFactory) -> FastAPI:
 
     @app.post("/v1/videos", dependencies=auth)
     async def create_video(request: Request) -> dict[str, Any]:
-        return (await admit(request, sync=False)).to_object()
+        return (await admit(request, sync=False))[1]
 
     @app.get("/v1/videos", dependencies=auth)
     async def list_videos(after: str | None = None, limit: int = 20, order: str = "desc") -> dict[str, Any]:
@@ -318,7 +320,7 @@ def create_app(cfg: ServeConfig, factory: PipelineFactory) -> FastAPI:
 
     @app.post("/v1/videos/sync", dependencies=auth)
     async def create_video_sync(request: Request) -> StreamingResponse:
-        job = await admit(request, sync=True)
+        job, _ = await admit(request, sync=True)
         try:
             while not job.finished.is_set():
                 try:
