@@ -1,5 +1,5 @@
 """runtime/serve: SIGTERM on a real ``javisrt serve --tiny`` process leaves no job in a non-final
-state, and a restarted server on the same --output-dir reports them (records are on disk).
+state, as the records on disk that a restarted server on the same --output-dir loads show.
 
 Two workers: one runs a short job that finishes inside the grace period, the other a long one
 that is cancelled after it; two more wait in the queue and fail at once. Every wait is bounded.
@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from javisrt.runtime.cli import EXIT_ERROR, main
+from javisrt.runtime.serve.jobs import JobStore
 from javisrt.runtime.serve.process import ServerProcess
 from tests._serve import JOB_TIMEOUT_S, LONG, LONG_STEPS, POLL_S, SERVER_ENV, SMALL, assert_av_mp4, serve_args
 
@@ -57,27 +58,22 @@ def test_sigterm_finishes_or_fails_every_job(tmp_path: Path) -> None:
     assert code in (0, -signal.SIGTERM), server.log_tail()
     assert took < GRACE_S + 30.0, f"shutdown took {took:.1f} s"
 
-    # a new server on the same directory serves what the old one recorded
-    again = ServerProcess(serve_args(out), log_path=tmp_path / "serve2.log", env=SERVER_ENV).start()
-    try:
-        with httpx.Client(base_url=again.url, timeout=30.0) as c:
-            listed = {v["id"]: v for v in c.get("/v1/videos", params={"limit": 100}).json()["data"]}
-            assert set(listed) == {done, long, short, *waiting}
-            assert all(v["status"] in ("completed", "failed", "cancelled") for v in listed.values()), listed
-            assert listed[done]["status"] == "completed" and listed[short]["status"] == "completed"
-            for i in (done, short):
-                (tmp_path / f"{i}.mp4").write_bytes(c.get(f"/v1/videos/{i}/content").content)
-                assert_av_mp4(tmp_path / f"{i}.mp4", 17)
-            stopped = listed[long]
-            assert stopped["status"] == "failed" and stopped["error"]["code"] == "server_shutdown"
-            assert 1 <= stopped["steps_done"] < LONG_STEPS
-            for w in waiting:
-                assert listed[w]["status"] == "failed" and listed[w]["error"]["code"] == "server_shutdown"
-                assert listed[w]["steps_done"] == 0
-            assert sorted(p.name for p in out.glob("*.mp4")) == sorted(f"{i}.mp4" for i in (done, short))
-    finally:
-        code = again.terminate(60.0)
-    assert code in (0, -signal.SIGTERM)
+    # what a restarted server on the same directory loads (the app's lifespan runs JobStore.load)
+    store = JobStore(out, ttl_s=3600.0, max_records=100)
+    assert store.load() == 5
+    listed = {j.id: j.to_object() for j in store}
+    assert set(listed) == {done, long, short, *waiting}
+    assert all(v["status"] in ("completed", "failed", "cancelled") for v in listed.values()), listed
+    assert listed[done]["status"] == "completed" and listed[short]["status"] == "completed"
+    for i in (done, short):
+        assert_av_mp4(out / f"{i}.mp4", 17)
+    stopped = listed[long]
+    assert stopped["status"] == "failed" and stopped["error"]["code"] == "server_shutdown"
+    assert 1 <= stopped["steps_done"] < LONG_STEPS
+    for w in waiting:
+        assert listed[w]["status"] == "failed" and listed[w]["error"]["code"] == "server_shutdown"
+        assert listed[w]["steps_done"] == 0
+    assert sorted(p.name for p in out.glob("*.mp4")) == sorted(f"{i}.mp4" for i in (done, short))
 
 
 @pytest.mark.parametrize(
