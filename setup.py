@@ -21,7 +21,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
-SUBPACKAGES = ("engine", "kernels", "export", "runtime", "runtime.backends", "bench")
+SUBPACKAGES = ("engine", "kernels", "export", "runtime", "runtime.backends", "runtime.serve", "bench")
 
 
 class CMakeExtension(Extension):
@@ -74,7 +74,7 @@ setup(
     python_requires=">=3.11",
     packages=["javisrt", *(f"javisrt.{p}" for p in SUBPACKAGES)],
     package_dir={"javisrt": ".", **{f"javisrt.{p}": p.replace(".", "/") for p in SUBPACKAGES}},
-    package_data={"javisrt": ["py.typed", "_sampler.pyi"]},
+    package_data={"javisrt": ["py.typed", "_sampler.pyi"], "javisrt.runtime.serve": ["static/*.html"]},
     ext_modules=[CMakeExtension("javisrt._sampler", sourcedir="cpp")],
     cmdclass={"build_ext": CMakeBuild},
     install_requires=_requirements("requirements.txt"),

@@ -10,6 +10,7 @@ and hands it to the library. Typed javisrt errors become one-line messages and e
     javisrt export --checkpoint DIR --precision bf16|fp8 --flavor native|plugin --out DIR
     javisrt build --onnx DIR --out engine.plan          (TensorRT, GPU only)
     javisrt bench --backend torch|ort|trt [--compare BACKEND] [--pipeline]
+    javisrt serve --tiny | --checkpoint DIR --wan-dir DIR ...   OpenAI Videos API (runtime/serve/)
 """
 
 from __future__ import annotations
@@ -245,7 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Subcommands that live with their subsystem: each module has register(subparsers) and run(args).
-SUBCOMMAND_MODULES = ("javisrt.export.cli", "javisrt.export.trt_cli", "javisrt.bench.cli")
+SUBCOMMAND_MODULES = (
+    "javisrt.export.cli", "javisrt.export.trt_cli", "javisrt.bench.cli", "javisrt.runtime.serve.cli",
+)  # fmt: skip
 
 
 def _register_subcommands(sub: Any) -> None:

@@ -42,7 +42,7 @@ from javisrt.engine.latents import (
 )
 from javisrt.runtime.media import check_writable_dir
 from javisrt.runtime.pipeline import GenerationConfig, JavisPipeline, Progress
-from javisrt.runtime.text import UMT5_XXL, TextEncoder
+from javisrt.runtime.text import UMT5_XXL, PromptCache, TextEncoder
 
 TINY_PRESET = "tiny"
 # The demo request: 2 s (33 frames) at 64 x 64, enough to show motion and sound, fast on 2 CPU cores.
@@ -209,11 +209,13 @@ def build_tiny_pipeline(
     ops: str = "torch",
     device: torch.device | str = "cpu",
     parallel: Any = None,
+    text_cache: PromptCache | None = None,
 ) -> JavisPipeline:
     """The whole pipeline on the ``tiny`` preset with seeded random components (no files read, except
     ``engine_file``: a compiled tiny DiT for the onnxruntime / tensorrt engines, whose metadata then
     gives the network config; the torch engine runs :func:`tiny_dit`). ``parallel``: the ParallelContext
-    of a --parallel launch (torch engine)."""
+    of a --parallel launch (torch engine); ``text_cache`` as in :meth:`JavisPipeline.from_pretrained`
+    (e.g. one shared by server workers)."""
     if backend == "torch":
         engine = create_engine(
             "torch", model=tiny_dit(seed), engine_file=engine_file, ops=ops, device=device, parallel=parallel
@@ -226,6 +228,7 @@ def build_tiny_pipeline(
         tiny_umt5(seed + 1, d_model=cfg.text_dim),
         identity=f"tiny-umt5:seed={seed + 1}",
         text_len=cfg.text_len,
+        cache=text_cache,
     )
     video = VideoDecoder(tiny_video_vae(seed + 2))
     audio = AudioDecoder(tiny_audio_vae(seed + 3), tiny_vocoder(seed + 4)) if cfg.has_audio else None
