@@ -6,7 +6,9 @@ and the strides torch gives contiguous tensors of the same shapes (independent o
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -291,3 +293,44 @@ def test_aot_impl_against_the_plugin_api(op: str, fake_trtp: dict[str, dict[str,
     q_dyn = desc((b, False), (lq, False), (h, True), (d, False))
     with pytest.raises(ConfigError, match="static head_dim"):
         fake_trtp["aot_impl"][plugin_id](q_dyn, *inputs[1:], (out,), 0)
+
+
+# ---- the first GPU check: shared memory above 48 KiB in an AOT plugin (bench/gpu_check.py) ---------
+
+
+def test_gpu_check_asks_the_smem_question_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """gpu_check runs check_aot_plugin_smem before any engine build, and its graph is the plugin-flavour
+    rope_attention node at head_dim 128 (the kernel whose shared memory exceeds 48 KiB)."""
+    import types
+
+    import onnx
+
+    from javisrt.bench import gpu_check
+    from javisrt.export import tensorrt_api
+
+    model = onnx.load(str(gpu_check.aot_smem_graph(tmp_path / "g.onnx")))
+    (node,) = model.graph.node
+    assert (node.domain, node.op_type) == (plugin_ops.DOMAIN, "rope_attention")
+    assert list(node.input) == plugin_ops.PLUGIN_OPS["rope_attention"]["inputs"]
+    assert {a.name: a.s.decode() for a in node.attribute} == {"plugin_namespace": "javisrt"}
+    assert model.graph.input[0].type.tensor_type.shape.dim[3].dim_value == 128
+    order: list[str] = []
+    monkeypatch.setattr(tensorrt_api, "import_tensorrt", lambda: types.SimpleNamespace(__version__="11.4.0.106"))
+    monkeypatch.setattr(tensorrt_api, "device_compute_capability", lambda device_id=0: (9, 0))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "stand-in")
+    monkeypatch.setattr(gpu_check, "check_aot_plugin_smem", lambda out: order.append("smem") or {"ok": True})
+    monkeypatch.setattr(gpu_check, "check_one", lambda p, prec, args: order.append(f"{p}.{prec}") or gpu_check.Row(p, prec, ok=True))
+    assert gpu_check.main(["--out", str(tmp_path / "out"), "--presets", "tiny", "--precisions", "bf16"]) == 0
+    assert order == ["smem", "tiny.bf16"]
+    assert json.loads((tmp_path / "out" / "aot_smem.json").read_text()) == {"ok": True}
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+def test_aot_plugin_above_48k_shared_memory(tmp_path: Path) -> None:  # pragma: no cover - GPU + TensorRT
+    from javisrt.bench import gpu_check
+
+    result = gpu_check.check_aot_plugin_smem(tmp_path)
+    assert result["above_default_limit"], result  # the question is only asked by a kernel above 48 KiB
+    assert result["ok"], result
