@@ -163,7 +163,7 @@ def select_profiles(contract: DiTContract, names: Sequence[str]) -> DiTContract:
     return dataclasses.replace(contract, profiles=tuple(known[n] for n in names))
 
 
-def profile_table(contract: DiTContract) -> list[dict[str, tuple[tuple[int, ...], ...]]]:
+def profile_table(contract: DiTContract) -> list[dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]]:
     """Per profile: input -> (min, opt, max), validated (min <= opt <= max elementwise)."""
     table = contract.trt_profiles()
     for prof, p in zip(table, contract.profiles, strict=True):

@@ -518,6 +518,8 @@ def test_cuda_entry_points_without_gpu() -> None:
         _sampler.cuda_device_count()
     with pytest.raises(UnavailableError):
         _sampler.sample_cuda([0x1000], [0x2000], [0x3000], [8], 0x4000, 1, cfg, enqueue=noop)
+    with pytest.raises(UnavailableError):  # wait_stream (torch's current stream) is accepted, 0 = legacy default
+        _sampler.sample_cuda([0x1000], [0x2000], [0x3000], [8], 0x4000, 1, cfg, enqueue=noop, wait_stream=0)
     # Argument checks come before the device check, so they are testable here.
     with pytest.raises(ShapeError, match="multiple of batch"):
         _sampler.sample_cuda([0x1000], [0x2000], [0x3000], [7], 0x4000, 2, cfg, enqueue=noop)
