@@ -620,7 +620,14 @@ def test_cuda_loop_selects_the_buffers_device() -> None:
 
 
 def _sleep_cycles(seconds: float) -> int:
-    return int(seconds * torch.cuda.get_device_properties(0).clock_rate * 1e3)  # clock_rate is in kHz
+    """GPU clock cycles torch.cuda._sleep needs for ``seconds``, measured with CUDA events."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(1_000_000)  # warm-up
+    start.record()
+    torch.cuda._sleep(100_000_000)
+    end.record()
+    end.synchronize()
+    return int(seconds * 1e8 / (start.elapsed_time(end) * 1e-3))
 
 
 @pytest.mark.gpu
