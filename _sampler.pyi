@@ -70,6 +70,7 @@ def sample_cuda(
     progress: Callable[[int, int, float, float], None] | None = None,
     cancel: Callable[[], bool] | None = None,
     max_inflight: int = 2,
+    wait_stream: int | None = None,
 ) -> SampleResult:
     """Run the sampling loop on a CUDA stream over device buffers (pointers as ints).
 
@@ -78,6 +79,10 @@ def sample_cuda(
     timesteps: its float32 [2B] buffer. The denoiser is graph_exec (a cudaGraphExec_t, replayed) or
     enqueue(step, stream), which must enqueue its work on `stream`. No host sync inside a step; the
     host waits for step i - max_inflight before enqueueing step i (0: never).
+    wait_stream: a cudaStream_t whose queued work `stream` waits for first (e.g. torch's current
+    stream, which produced the latents); None: no wait. Runs on the buffers' device (checked: one
+    device, device memory), restores the caller's device, returns only after its kernels finished
+    (also when a callback raises); host waits use blocking-sync events.
     Raises UnavailableError without a GPU/driver or when built without nvcc.
     """
 

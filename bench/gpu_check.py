@@ -2,10 +2,18 @@
 
     python -m javisrt.bench.gpu_check --out out/gpu_check [--presets tiny,javisdit-v1.0] [--precisions bf16,fp8]
 
+0. FIRST, before any engine (tensorrt-notes §F, open point 1): does TensorRT raise the 48 KiB dynamic
+   shared-memory limit for a QDP AOT plugin whose kernel asks for more? One ``javisrt::rope_attention``
+   node (the bf16 head_dim-128 kernel asks ~112 KiB) is parsed from ONNX, built with the AOT plugin,
+   run, and compared with ``engine/ops.attention_ref`` (:func:`check_aot_plugin_smem`, ``aot_smem.json``).
+   If it fails, every plugin-flavour engine fails the same way: the answer decides whether the attention
+   plugins need a C++ IPluginV3 that sets cudaFuncAttributeMaxDynamicSharedMemorySize (§1.4).
+
 For every (preset, precision):
   1. random-weight model (or ``--checkpoint``), exported by ``javisrt.export`` (BF16: ``export_dit``
      native flavour; FP8: modelopt Q/DQ via ``javisrt.export.quantize`` with a random calibration set);
-  2. engine built by ``javisrt.export.trt_build.build_engine`` (detailed verbosity, one profile);
+  2. engine built by ``javisrt.export.trt_build.build_engine`` (detailed verbosity, one profile, no
+     kREFIT: these engines are timed, and refittable engines may lose fusions);
   3. fusion check from the engine inspector's layer JSON: fused attention layers present, and for FP8
      layers running FP8 tactics;
   4. outputs of the TensorRT backend vs the torch backend on the GPU (fp32 numerics: the reference)
@@ -103,7 +111,7 @@ def check_one(preset: str, precision: str, args: argparse.Namespace) -> Row:
     t0 = time.perf_counter()
     plan = work / "engine.plan"
     opts = trt_build.BuildOptions(profiles=(args.profile,), builder_optimization_level=args.opt_level,
-                                  timing_cache=args.out / "timing.cache")  # fmt: skip
+                                  timing_cache=args.out / "timing.cache", refit=trt_build.Refit.NONE)  # fmt: skip
     meta = trt_build.build_engine(onnx_path, plan, opts)
     row.build_s = time.perf_counter() - t0
     row.plan_mib = meta.plan_bytes / 2**20
@@ -147,6 +155,90 @@ def check_one(preset: str, precision: str, args: argparse.Namespace) -> Row:
     return row
 
 
+# One self-attention call at head_dim 128 (the released model's), long enough for several query tiles.
+SMEM_SHAPE = {"B": 1, "L": 300, "H": 2, "D": 128}
+SMEM_LIMIT_DEFAULT = 48 * 1024  # bytes of dynamic shared memory a launch gets without the opt-in attribute
+
+
+def aot_smem_graph(path: Path) -> Path:
+    """ONNX with one ``javisrt::rope_attention`` node (bf16 q/k/v, fp32 cos/sin) at :data:`SMEM_SHAPE`,
+    emitted the way the plugin-flavour export emits it (``export/plugin_ops.py``)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from javisrt.export.plugin_ops import DOMAIN, PLUGIN_OPS, VERSION
+
+    b, l, h, d = SMEM_SHAPE["B"], SMEM_SHAPE["L"], SMEM_SHAPE["H"], SMEM_SHAPE["D"]
+    io = PLUGIN_OPS["rope_attention"]
+    shapes = {"q": [b, l, h, d], "k": [b, l, h, d], "v": [b, l, h, d], "cos": [l, d // 2], "sin": [l, d // 2]}
+    types = {n: TensorProto.FLOAT if n in ("cos", "sin") else TensorProto.BFLOAT16 for n in shapes}
+    node = helper.make_node("rope_attention", io["inputs"], io["outputs"], domain=DOMAIN, plugin_namespace=DOMAIN)
+    graph = helper.make_graph(
+        [node], "aot_smem", [helper.make_tensor_value_info(n, types[n], shapes[n]) for n in io["inputs"]],
+        [helper.make_tensor_value_info("out", TensorProto.BFLOAT16, [b, l, h, d])],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, VERSION)])
+    onnx.save(model, str(path))
+    return path
+
+
+def check_aot_plugin_smem(out_dir: Path) -> dict[str, Any]:
+    """Build and run one rope_attention AOT plugin whose kernel needs more than 48 KiB of shared memory;
+    ``ok`` when it launches and matches the fp32 reference within bf16 error."""
+    import tensorrt as trt
+
+    from javisrt.engine.ops import attention_ref
+    from javisrt.export import trt_build, trt_plugins
+    from javisrt.export.tensorrt_api import make_logger
+
+    trt_plugins.register_all()
+    _, info = trt_plugins.kernel_for("rope_attention", "bf16", SMEM_SHAPE["D"])
+    result: dict[str, Any] = {"kernel": info.name, "kernel_shared_bytes": int(info.shared),
+                              "above_default_limit": int(info.shared) > SMEM_LIMIT_DEFAULT, "built": False,
+                              "ran": False, "rel_err": float("nan"), "ok": False, "note": ""}  # fmt: skip
+    logger = make_logger()
+    builder = trt.Builder(logger)
+    network = builder.create_network(trt_build.network_flags("plugin"))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(aot_smem_graph(out_dir / "aot_smem.onnx"))):
+        result["note"] = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        return result
+    plan = builder.build_serialized_network(network, builder.create_builder_config())
+    if plan is None:
+        result["note"] = "build failed (see the TensorRT log)"
+        return result
+    result["built"] = True
+    engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
+    context = engine.create_execution_context()
+    b, l, h, d = SMEM_SHAPE["B"], SMEM_SHAPE["L"], SMEM_SHAPE["H"], SMEM_SHAPE["D"]
+    gen = torch.Generator("cuda").manual_seed(0)
+    q, k, v = (torch.randn(b, l, h, d, device="cuda", generator=gen).bfloat16() for _ in range(3))
+    angle = torch.rand(l, d // 2, device="cuda", generator=gen) * 6.28
+    cos, sin = angle.cos(), angle.sin()
+    out = torch.empty_like(q)
+    for name, t in {"q": q, "k": k, "v": v, "cos": cos, "sin": sin, "out": out}.items():
+        context.set_tensor_address(name, t.data_ptr())
+    stream = torch.cuda.current_stream()
+    try:
+        ran = context.execute_async_v3(stream.cuda_stream)
+        stream.synchronize()
+    except RuntimeError as exc:  # a launch past the smem limit surfaces as a CUDA error here
+        result["note"] = f"launch failed: {exc}"
+        return result
+    if not ran:
+        result["note"] = "execute_async_v3 returned False (see the TensorRT log)"
+        return result
+    result["ran"] = True
+    ref = attention_ref(q.float(), k.float(), v.float(), (cos, sin))
+    bf16_ref = attention_ref(q, k, v, (cos.bfloat16(), sin.bfloat16())).float()
+    result["rel_err"] = rel_err(out.float(), ref)
+    bound = 2 * rel_err(bf16_ref, ref) + 1e-3  # 2x torch's own bf16 error + a floor (tests/_tolerance's rule)
+    result["ok"] = bool(result["rel_err"] <= bound)
+    if not result["ok"]:
+        result["note"] = f"rel err {result['rel_err']:.3g} > {bound:.3g}: the kernel ran but its output is wrong"
+    return result
+
+
 def print_table(rows: list[Row]) -> None:
     head = ("preset", "prec", "build s", "plan MiB", "layers", "attn", "fp8", "rel err torch", "rel err ORT",
             "latency ms", "ok", "note")  # fmt: skip
@@ -180,6 +272,14 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("gpu_check needs a CUDA GPU")
     log.info("TensorRT %s, GPU %s (sm_%d%d)", trt.__version__, torch.cuda.get_device_name(), *device_compute_capability())
     args.out.mkdir(parents=True, exist_ok=True)
+    # 0. the open question every plugin engine depends on: first, before any long build
+    try:
+        smem = check_aot_plugin_smem(args.out)
+    except Exception as exc:  # report it and go on with the native-flavour checks
+        log.exception("AOT plugin shared-memory check failed")
+        smem = {"ok": False, "note": f"{type(exc).__name__}: {exc}"[:300]}
+    (args.out / "aot_smem.json").write_text(json.dumps(smem, indent=1))
+    sys.stdout.write(f"AOT plugin > 48 KiB shared memory: {'OK' if smem['ok'] else 'FAILED'} {json.dumps(smem)}\n")
     rows = []
     for preset in args.presets.split(","):
         for precision in args.precisions.split(","):
@@ -190,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(Row(preset, precision, note=f"{type(exc).__name__}: {exc}"[:200]))
     print_table(rows)
     (args.out / "gpu_check.json").write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1))
-    return 0 if all(r.ok for r in rows) else 1
+    return 0 if all(r.ok for r in rows) and smem["ok"] else 1
 
 
 if __name__ == "__main__":

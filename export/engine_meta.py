@@ -54,6 +54,29 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
+def onnx_sha256(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of an ONNX graph *with its weights*: the ``.onnx`` file, then every external-data file
+    its initializers reference (sorted by location, each preceded by its name). Equal to
+    :func:`sha256_file` of the graph when all weights are inline. ``onnx`` is imported lazily."""
+    import onnx
+
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    locations = sorted({
+        entry.value
+        for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+        for entry in t.external_data if entry.key == "location"
+    })  # fmt: skip
+    h = hashlib.sha256()
+    for part in [path, *(path.parent / loc for loc in locations)]:
+        if part != path:
+            h.update(b"\0" + part.name.encode() + b"\0")
+        with open(part, "rb") as f:
+            while block := f.read(1 << 24):
+                h.update(block)
+    return h.hexdigest()
+
+
 @dataclass(frozen=True)
 class PluginRecord:
     """One AOT plugin baked into the plan (name/namespace as registered, PTX provenance)."""
@@ -261,6 +284,22 @@ def check(meta: EngineMetadata, expected: Expected, where: str = "engine") -> No
     problems = mismatches(meta, expected)
     if problems:
         raise EngineMismatchError(f"{where} does not fit this process:\n  - " + "\n  - ".join(problems))
+
+
+def check_refit_source(meta: EngineMetadata, onnx_path: str | os.PathLike[str], where: str = "engine") -> None:
+    """A weight-stripped plan (kREFIT_IDENTICAL + kSTRIP_PLAN) may only be refitted with the very weights
+    it was built from: TensorRT optimised for them, and other weights are undefined behaviour
+    (NvInfer.h, BuilderFlag::kREFIT_IDENTICAL). Compares :func:`onnx_sha256` of ``onnx_path`` with the
+    recorded ``onnx_sha256``; plans built with kREFIT take any weights of the same graph."""
+    if not meta.weights_stripped:
+        return
+    digest = onnx_sha256(onnx_path)
+    if digest != meta.onnx_sha256:
+        raise EngineMismatchError(
+            f"{where} is weight-stripped (kREFIT_IDENTICAL): it can only be refitted from the ONNX it was built from "
+            f"(SHA-256 {meta.onnx_sha256[:12]}…, graph + external data), but {onnx_path} hashes to {digest[:12]}…; "
+            "refitting other weights is undefined behaviour: rebuild the plan, or build it with --refit refit"
+        )
 
 
 def load_checked(plan_path: str | os.PathLike[str], expected: Expected) -> tuple[bytes, EngineMetadata]:

@@ -3,13 +3,18 @@
 TensorRT 11 facts this follows (tensorrt-notes.md §2, §5, §7):
 * every network is strongly typed and the precision builder flags are gone: a BF16 engine comes from
   a BF16 ONNX (``javisrt.export.onnx`` precision ``bf16``), an FP8 engine from explicit float8
-  Q/DQ nodes (``javisrt.export.quantize``); nothing here picks a precision;
+  Q/DQ nodes (``javisrt.export.quantize``); nothing here picks a precision. On TensorRT 10.x a network
+  created without flags is weakly typed (a BF16 graph would silently build in FP32), so there
+  :func:`network_flags` sets ``STRONGLY_TYPED``; older TensorRT is refused;
 * one optimisation profile per entry of the export contract's ``profiles`` (``--profiles`` picks a
   subset by name); the plan records them and the runtime selects per shape bucket;
 * timing cache loaded from / saved to a file; ``builder_optimization_level``; detailed profiling
   verbosity so the engine inspector can dump layers and fusions (bench/gpu_check.py reads them);
-* refit: ``kREFIT`` (LoRA-merged weights swap in without a rebuild, :func:`refit_plan`), or
-  ``kREFIT_IDENTICAL`` + ``kSTRIP_PLAN`` (weight-less plan, refitted from the ONNX at load);
+* refit: none by default (refittable engines may lose fusions and speed, so timed engines are built
+  without ``kREFIT``); ``kREFIT`` on request (LoRA-merged weights swap in without a rebuild,
+  :func:`refit_plan`), or ``kREFIT_IDENTICAL`` + ``kSTRIP_PLAN`` (weight-less plan, refitted at load
+  from the very ONNX it was built from: the recorded ``onnx_sha256`` is checked, see
+  :func:`javisrt.export.engine_meta.check_refit_source`);
 * plugin flavour: :mod:`javisrt.export.trt_plugins` is imported (its AOT QDPs must be registered
   before parsing) and the network prefers AOT plugins, so the plan runs without Python.
 
@@ -64,10 +69,12 @@ class BuildOptions:
     builder_optimization_level: int = 3  # 0..5 (TensorRT default 3)
     workspace_mib: int = 0  # 0 = TensorRT's default (device memory)
     timing_cache: Path | None = None
-    refit: Refit = Refit.REFIT
+    refit: Refit = Refit.NONE  # kREFIT costs speed: only when weights must be swappable
     detailed_profiling: bool = True  # ProfilingVerbosity.DETAILED: layer dumps / fusion checks
     checkpoint_sha256: str | None = None  # overrides the ONNX metadata's
-    tactic_sources: tuple[str, ...] = ()  # e.g. ("CUBLAS_LT", "EDGE_MASK_CONVOLUTIONS"); () = default
+    # trt.TacticSource member names, e.g. ("EDGE_MASK_CONVOLUTIONS",); () = TensorRT's default. Checked
+    # against the installed TensorRT's enum at build time (CUBLAS_LT, deprecated since 9.0, is gone in 11).
+    tactic_sources: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0 <= self.builder_optimization_level <= 5:
@@ -138,7 +145,7 @@ def read_artifact(path: str | os.PathLike[str]) -> OnnxArtifact:
     flavor = props.get(META_FLAVOR, "plugin" if plugin_ops else "native")
     return OnnxArtifact(
         path=onnx_path, contract=contract, flavor=flavor, precision=detected,
-        checkpoint_sha256=props.get(META_CHECKPOINT), sha256=engine_meta.sha256_file(onnx_path),
+        checkpoint_sha256=props.get(META_CHECKPOINT), sha256=engine_meta.onnx_sha256(onnx_path),
         plugin_ops=plugin_ops,
     )  # fmt: skip
 
@@ -175,13 +182,32 @@ def builder_flag_names(options: BuildOptions) -> list[str]:
     return []
 
 
+def tensorrt_major(version: str) -> int:
+    try:
+        return int(version.split(".")[0])
+    except ValueError as exc:
+        raise ConfigError(f"cannot read TensorRT's major version from {version!r}") from exc
+
+
 def network_flags(flavor: str) -> int:
-    """Network creation flags: 0 (strongly typed is implicit in TensorRT 11), plus prefer-AOT for plugins."""
+    """Network creation flags: strongly typed (implicit in TensorRT 11, the ``STRONGLY_TYPED`` flag on
+    10.x, where flags 0 give a weakly typed network that may build BF16 layers in FP32), plus
+    prefer-AOT for the plugin flavour. Member names, never raw ints: the enum was renumbered in 11.0
+    (10.x: STRONGLY_TYPED=1, PREFER_JIT=2, PREFER_AOT=3; 11.x: STRONGLY_TYPED=0 (ignored), PREFER_JIT=1,
+    PREFER_AOT=2; tensorrt-notes.md §1.1)."""
     import tensorrt as trt
 
+    major = tensorrt_major(trt.__version__)
+    if major < 10:
+        raise ConfigError(
+            f"TensorRT {trt.__version__} is too old: javisrt builds strongly typed networks (TensorRT >= 10 with "
+            "STRONGLY_TYPED, implicit in 11) and AOT plugins"
+        )
+    flag = trt.NetworkDefinitionCreationFlag
+    flags = 1 << int(flag.STRONGLY_TYPED) if major == 10 else 0
     if flavor == "plugin":
-        return 1 << int(trt.NetworkDefinitionCreationFlag.PREFER_AOT_PYTHON_PLUGINS)
-    return 0
+        flags |= 1 << int(flag.PREFER_AOT_PYTHON_PLUGINS)
+    return flags
 
 
 # ---- the build --------------------------------------------------------------------------------
@@ -249,6 +275,10 @@ def configure(
     if options.workspace_mib:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mib << 20)
     if options.tactic_sources:
+        known = [n for n in dir(trt.TacticSource) if n.isupper()]
+        unknown = [src for src in options.tactic_sources if src not in known]
+        if unknown:
+            raise ConfigError(f"TensorRT {trt.__version__} has no tactic sources {unknown}; it has {known}")
         mask = 0
         for src in options.tactic_sources:
             mask |= 1 << int(getattr(trt.TacticSource, src))

@@ -181,11 +181,14 @@ def register_all() -> None:
             return "bf16"
         raise ConfigError(f"javisrt plugins are built for BF16 activations, got {dt}")
 
+    # tensorrt.plugin's ShapeExpr: `is_fake` and `is_constant` are properties, `constant_value()` is a
+    # method (NVIDIA/TensorRT python/packaging/bindings_wheel/tensorrt/plugin/_tensor.py, checked for
+    # this fix; tests/test_trt_plugins.py's stand-in models exactly that).
     def head_dim_of(q: Any) -> int:
         hd = q.shape_expr[3]
-        if not hd.is_constant:
+        if hd.is_fake or not hd.is_constant:
             raise ConfigError("javisrt attention plugins need a static head_dim (the last dim of q)")
-        return int(hd.constant_value)
+        return int(hd.constant_value())
 
     def aot(op: str, q: Any, k: Any) -> tuple[str, str, Any, Any]:
         spec, info = kernel_for(op, dtype_name(q.dtype), head_dim_of(q))

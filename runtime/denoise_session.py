@@ -6,7 +6,7 @@ the engine; the pipeline, FP8 calibration, the benchmark and the tests all use i
     session = DenoiseSession(engine, context, latent_shapes, mask=mask, video_frames=T)
     velocities = session(latents, timesteps)           # torch in, torch out (views of the engine's buffers)
     _sampler.sample(latents, session.host_denoiser(), config)              # host loop (numpy hand-off)
-    _sampler.sample_cuda(latents, config, **session.loop_binding().sample_cuda_kwargs())  # CUDA loop
+    session.loop_binding().run(latents, config)       # CUDA loop (javisrt._sampler.sample_cuda)
 
 On construction it allocates the engine's shape bucket for the CFG batch and writes the static inputs
 once: the text ``context`` ([2B, Lt, D], cond half first) with masked positions zeroed and zero-padded to
@@ -17,6 +17,7 @@ whole process, :func:`rope_tables`). Each step then writes only the latents and 
 from __future__ import annotations
 
 import functools
+import importlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -154,8 +155,10 @@ class DenoiseSession:
         ptr = engine.buffer_pointers()
         engine.mark_written([*self.latent_names, TIMESTEP])
         graph = engine.capture_graph() if use_graph else 0
+        generation = engine.buffer_generation
 
         def enqueue(step: int, stream: int) -> None:
+            _check_live(engine, generation)  # a hook may have re-allocated the engine mid-loop
             engine.enqueue(stream)
 
         return LoopBinding(
@@ -169,7 +172,15 @@ class DenoiseSession:
             enqueue=enqueue,
             device=engine.device,
             engine=engine,
-            generation=engine.buffer_generation,
+            generation=generation,
+        )
+
+
+def _check_live(engine: Engine, generation: int) -> None:
+    if engine.buffer_generation != generation or engine.state is not EngineState.ALLOCATED:
+        raise ConfigError(
+            "this loop binding's buffers and graph were released (the engine was re-allocated or unloaded); "
+            "take a new binding"
         )
 
 
@@ -195,16 +206,36 @@ class LoopBinding:
     engine: Engine
     generation: int  # the engine's buffer_generation when the pointers were taken
 
+    def check_live(self) -> None:
+        """ConfigError when the engine released the buffers and graph this binding points at
+        (``allocate`` of other dims, ``unload``): its raw pointers and graph handle are dead then."""
+        _check_live(self.engine, self.generation)
+
+    def check_latents(self, latents: Sequence[torch.Tensor]) -> None:
+        """The latents ``sample_cuda`` updates in place by pointer: one [B, ...] float32 contiguous tensor
+        per modality on the engine's device with the binding's element count (ShapeError otherwise)."""
+        if len(latents) != len(self.numels):
+            raise ShapeError(f"got {len(latents)} latents for {len(self.numels)} modalities")
+        for k, (x, numel) in enumerate(zip(latents, self.numels, strict=True)):
+            if not isinstance(x, torch.Tensor):
+                raise ShapeError(f"latent {k}: expected a torch.Tensor, got {type(x).__name__}")
+            if x.dtype != torch.float32:
+                raise ShapeError(f"latent {k}: dtype {x.dtype}, the loop updates float32 latents in place")
+            if not x.is_contiguous():
+                raise ShapeError(f"latent {k}: not contiguous (the loop addresses it as one flat buffer)")
+            if x.device != self.device:
+                raise ShapeError(f"latent {k} is on {x.device}, the engine's buffers on {self.device}")
+            if x.numel() != numel:
+                raise ShapeError(f"latent {k}: {x.numel()} elements, the bound buffers hold {numel} per CFG half")
+
     def sample_cuda_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of ``_sampler.sample_cuda`` except latents and config."""
+        """Keyword arguments of ``_sampler.sample_cuda`` except latents and config; ``wait_stream`` is
+        torch's current stream on the engine's device, so the loop starts after the work queued there
+        (``torch.randn`` latents, buffer zeroing, copies)."""
+        self.check_live()
         if self.device.type != "cuda":
             raise UnavailableError(
                 f"the CUDA sampling loop needs device buffers; this engine's buffers are on {self.device}"
-            )
-        if self.engine.buffer_generation != self.generation or self.engine.state is not EngineState.ALLOCATED:
-            raise ConfigError(
-                "this loop binding's buffers and graph were released (the engine was re-allocated or unloaded); "
-                "take a new binding"
             )
         return {
             "inputs": list(self.inputs),
@@ -215,4 +246,41 @@ class LoopBinding:
             "stream": self.stream,
             "graph_exec": self.graph_exec,
             "enqueue": None if self.graph_exec else self.enqueue,
+            "wait_stream": int(torch.cuda.current_stream(self.device).cuda_stream),
         }
+
+    def run(
+        self,
+        latents: Sequence[torch.Tensor],
+        config: Any,
+        progress: Callable[[int, int, float, float], None] | None = None,
+        cancel: Callable[[], bool] | None = None,
+        max_inflight: int = 2,
+    ) -> Any:
+        """``_sampler.sample_cuda`` over this binding: ``latents`` (checked by :meth:`check_latents`) are
+        updated in place; returns the loop's SampleResult. The hooks are followed by a liveness check, so
+        a hook that re-allocates or unloads the engine stops the loop with ConfigError instead of letting
+        it write freed buffers."""
+        self.check_live()
+        self.check_latents(latents)
+        kwargs = self.sample_cuda_kwargs()
+        try:
+            ext = importlib.import_module("javisrt._sampler")
+        except ImportError as exc:
+            raise UnavailableError(f"the C++ sampling loop javisrt._sampler is not built: {exc}") from exc
+
+        def progress_checked(done: int, total: int, t: float, secs: float) -> None:
+            if progress is not None:
+                progress(done, total, t, secs)
+            self.check_live()
+
+        def cancel_checked() -> bool:
+            stop = bool(cancel()) if cancel is not None else False
+            self.check_live()
+            return stop
+
+        return ext.sample_cuda(
+            [int(x.data_ptr()) for x in latents], kwargs.pop("inputs"), kwargs.pop("outputs"), kwargs.pop("numels"),
+            kwargs.pop("timesteps"), kwargs.pop("batch"), config,
+            progress=progress_checked, cancel=cancel_checked, max_inflight=max_inflight, **kwargs,
+        )  # fmt: skip

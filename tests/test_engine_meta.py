@@ -157,3 +157,23 @@ def test_tensorrt_engine_checks_before_tensorrt(plan_file: Path, contract: DiTCo
 def test_dataclass_fields_are_all_serialised(contract: DiTContract) -> None:
     meta = _meta(contract)
     assert set(meta.to_dict()) == {f.name for f in dataclasses.fields(meta)}
+
+
+def test_refit_source_must_be_the_build_onnx(tmp_path: Path, contract: DiTContract) -> None:
+    """check_refit_source: a stripped plan only with the ONNX (graph + external data) it was built from;
+    a kREFIT plan takes any weights of its graph."""
+    from onnx import TensorProto, helper, save
+
+    def graph(path: Path, value: float) -> Path:
+        w = helper.make_tensor("w", TensorProto.FLOAT, [1], [value])
+        g = helper.make_graph([], "g", [], [helper.make_tensor_value_info("w", TensorProto.FLOAT, [1])], [w])
+        save(helper.make_model(g), str(path))
+        return path
+
+    a, b = graph(tmp_path / "a.onnx", 1.0), graph(tmp_path / "b.onnx", 2.0)
+    assert em.onnx_sha256(a) == em.sha256_file(a)  # inline weights: the file's hash
+    stripped = _meta(contract, weights_stripped=True, checkpoint_sha256=None, onnx_sha256=em.onnx_sha256(a))
+    em.check_refit_source(stripped, a)
+    with pytest.raises(EngineMismatchError, match="kREFIT_IDENTICAL"):
+        em.check_refit_source(stripped, b)
+    em.check_refit_source(_meta(contract, onnx_sha256=em.onnx_sha256(a)), b)  # kREFIT: new weights are the point

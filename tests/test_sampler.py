@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import shutil
 import subprocess
+import time
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -510,10 +511,13 @@ def test_cuda_entry_points_without_gpu() -> None:
         pytest.skip("a GPU is present: test_cuda_loop_equals_reference covers the CUDA path")
     cfg = SamplerConfig(steps=3, guidance=(5.0,))
     noop = lambda step, stream: None  # noqa: E731
-    with pytest.raises(UnavailableError):
+    # A static CUDA 13 runtime on an older driver reads like "no GPU": the error names both versions.
+    with pytest.raises(UnavailableError, match=r"driver: .*static runtime: CUDA \d+\.\d"):
         _sampler.cuda_device_count()
     with pytest.raises(UnavailableError):
         _sampler.sample_cuda([0x1000], [0x2000], [0x3000], [8], 0x4000, 1, cfg, enqueue=noop)
+    with pytest.raises(UnavailableError):  # wait_stream (torch's current stream) is accepted, 0 = legacy default
+        _sampler.sample_cuda([0x1000], [0x2000], [0x3000], [8], 0x4000, 1, cfg, enqueue=noop, wait_stream=0)
     # Argument checks come before the device check, so they are testable here.
     with pytest.raises(ShapeError, match="multiple of batch"):
         _sampler.sample_cuda([0x1000], [0x2000], [0x3000], [7], 0x4000, 2, cfg, enqueue=noop)
@@ -525,39 +529,235 @@ def test_cuda_entry_points_without_gpu() -> None:
         _sampler.sample_cuda([0x1000] * 2, [0x2000] * 2, [0x3000] * 2, [8] * 2, 0x4000, 1, cfg, enqueue=noop)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("solver", [Solver.EULER, Solver.UNIPC])
-def test_cuda_loop_equals_reference(solver: Solver) -> None:
-    """Device loop with an enqueue-callback denoiser (torch ops on the loop's stream) vs the reference,
-    to 1e-6 relative (the kernels avoid FMA contraction; exact equality is not what this checks)."""
-    config = SamplerConfig(solver, 20, (5.0, 3.5), 3.0)
-    latents = random_latents(SHAPES)
-    den = AffineVelocity(SHAPES)
-    ref = sampling.sample_ref(latents, den, config)
-    dev = torch.device("cuda")
-    stream = torch.cuda.Stream()
-    lat = [torch.from_numpy(x).to(dev) for x in latents]
-    inp = [torch.empty((2 * x.shape[0], *x.shape[1:]), device=dev) for x in latents]
-    out = [torch.empty_like(x) for x in inp]
-    ts = torch.empty(2 * latents[0].shape[0], device=dev)
+def _device_problem(latents: list[np.ndarray], dev: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor],
+                                                                       list[torch.Tensor], torch.Tensor]:
+    """Latents and the denoiser's static buffers, made on torch's current stream of ``dev`` (no sync:
+    the loop must order itself after that stream through ``wait_stream``)."""
+    lat = [torch.from_numpy(x).to(dev, non_blocking=True) for x in latents]
+    inp = [torch.zeros((2 * x.shape[0], *x.shape[1:]), device=dev) for x in latents]
+    out = [torch.zeros_like(x) for x in inp]
+    ts = torch.zeros(2 * latents[0].shape[0], device=dev)
+    return lat, inp, out, ts
+
+
+def _affine_enqueue(den: AffineVelocity, inp: list[torch.Tensor], out: list[torch.Tensor], ts: torch.Tensor,
+                    stream: torch.cuda.Stream) -> Callable[[int, int], None]:  # fmt: skip
+    """AffineVelocity as torch ops on the loop's stream. s = t / 1000 divides by a *tensor*: a Python
+    divisor becomes a reciprocal multiply in torch's CUDA kernel, which is not numpy's t / 1000."""
+    dev = ts.device
     coef = [[torch.from_numpy(c).to(dev) for c in cs] for cs in den.coef]
-    torch.cuda.synchronize()
+    thousand = torch.full((1,), 1000.0, device=dev)
 
     def enqueue(step: int, stream_ptr: int) -> None:
         assert stream_ptr == stream.cuda_stream
         with torch.cuda.stream(stream):
-            s = ts[0] / 1000
+            s = ts[:1] / thousand
             for k, x in enumerate(inp):
                 b = x.shape[0] // 2
                 a_c, a_u, b_c, b_u = coef[k]
                 out[k][:b] = a_c * x[:b] + b_c * s
                 out[k][b:] = a_u * x[b:] + b_u * (1 - s)
 
+    return enqueue
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("solver", [Solver.EULER, Solver.UNIPC])
+def test_cuda_loop_equals_reference(solver: Solver) -> None:
+    """Device loop with an enqueue-callback denoiser (torch ops on the loop's stream) == the reference
+    loop, bit for bit (torch.equal), with no torch.cuda.synchronize() between making the latents on
+    torch's current stream and the loop (wait_stream orders them)."""
+    config = SamplerConfig(solver, 20, (5.0, 3.5), 3.0)
+    latents = random_latents(SHAPES)
+    den = AffineVelocity(SHAPES)
+    ref = sampling.sample_ref(latents, den, config)
+    dev = torch.device("cuda")
+    stream = torch.cuda.Stream()
+    lat, inp, out, ts = _device_problem(latents, dev)
     res = _sampler.sample_cuda(
         [x.data_ptr() for x in lat], [x.data_ptr() for x in inp], [x.data_ptr() for x in out],
         [x.numel() for x in lat], ts.data_ptr(), latents[0].shape[0], config,
-        stream=stream.cuda_stream, enqueue=enqueue,
-    )
+        stream=stream.cuda_stream, enqueue=_affine_enqueue(den, inp, out, ts, stream),
+        wait_stream=torch.cuda.current_stream().cuda_stream,
+    )  # fmt: skip
     assert res.steps_done == 20 and len(res.step_times_s) == 20 and not res.cancelled
     for x, y in zip(lat, ref.latents):
-        assert_within(x.cpu(), torch.from_numpy(y), 1e-6 * max(1.0, float(np.abs(y).max())))
+        assert torch.equal(x.cpu(), torch.from_numpy(np.asarray(y))), float((x.cpu() - torch.from_numpy(y)).abs().max())
+
+
+@pytest.mark.gpu
+def test_cuda_loop_selects_the_buffers_device() -> None:
+    """Buffers on the last visible GPU while another is current: the loop runs there, restores the
+    caller's device, and refuses host pointers and buffers split over devices."""
+    n = torch.cuda.device_count()
+    dev = torch.device("cuda", n - 1)
+    config = SamplerConfig(Solver.EULER, 4, (5.0, 3.5), 3.0)
+    latents = random_latents(SHAPES)
+    den = AffineVelocity(SHAPES)
+    ref = sampling.sample_ref(latents, den, config)
+    torch.cuda.set_device(0)
+    with torch.cuda.device(dev):
+        stream = torch.cuda.Stream(dev)
+        lat, inp, out, ts = _device_problem(latents, dev)
+        producer = torch.cuda.current_stream(dev).cuda_stream
+    args = ([x.data_ptr() for x in lat], [x.data_ptr() for x in inp], [x.data_ptr() for x in out],
+            [x.numel() for x in lat], ts.data_ptr(), latents[0].shape[0], config)  # fmt: skip
+    _sampler.sample_cuda(*args, stream=stream.cuda_stream, enqueue=_affine_enqueue(den, inp, out, ts, stream),
+                         wait_stream=producer)  # fmt: skip
+    assert torch.cuda.current_device() == 0
+    for x, y in zip(lat, ref.latents):
+        assert torch.equal(x.cpu(), torch.from_numpy(np.asarray(y)))
+    host = torch.zeros(ts.numel())
+    with pytest.raises(ShapeError, match="not CUDA device memory"):
+        _sampler.sample_cuda(*args[:4], host.data_ptr(), *args[5:], stream=stream.cuda_stream, enqueue=lambda i, s: None)
+    if n > 1:
+        other = torch.zeros(ts.numel(), device="cuda:0")
+        with pytest.raises(ShapeError, match="one device"):
+            _sampler.sample_cuda(*args[:4], other.data_ptr(), *args[5:], stream=stream.cuda_stream,
+                                 enqueue=lambda i, s: None)  # fmt: skip
+
+
+def _sleep_cycles(seconds: float) -> int:
+    """GPU clock cycles torch.cuda._sleep needs for ``seconds``, measured with CUDA events."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(1_000_000)  # warm-up
+    start.record()
+    torch.cuda._sleep(100_000_000)
+    end.record()
+    end.synchronize()
+    return int(seconds * 1e8 / (start.elapsed_time(end) * 1e-3))
+
+
+@pytest.mark.gpu
+def test_cuda_loop_syncs_when_a_callback_raises() -> None:
+    """An Euler enqueue that raises at step 2 after queueing long GPU work: when the exception reaches
+    Python, the loop's stream is idle (the resource destructor synchronised it unconditionally)."""
+    config = SamplerConfig(Solver.EULER, 5, (5.0, 3.5), 3.0)
+    latents = random_latents(SHAPES)
+    dev = torch.device("cuda")
+    stream = torch.cuda.Stream()
+    lat, inp, out, ts = _device_problem(latents, dev)
+
+    def enqueue(step: int, stream_ptr: int) -> None:
+        with torch.cuda.stream(stream):
+            torch.cuda._sleep(_sleep_cycles(0.3))
+        if step == 2:
+            raise RuntimeError("denoiser failed")
+
+    with pytest.raises(RuntimeError, match="denoiser failed"):
+        _sampler.sample_cuda(
+            [x.data_ptr() for x in lat], [x.data_ptr() for x in inp], [x.data_ptr() for x in out],
+            [x.numel() for x in lat], ts.data_ptr(), latents[0].shape[0], config,
+            stream=stream.cuda_stream, enqueue=enqueue, max_inflight=0,
+            wait_stream=torch.cuda.current_stream().cuda_stream,
+        )  # fmt: skip
+    assert stream.query(), "kernels of the failed loop were still running after the exception"
+
+
+@pytest.mark.gpu
+def test_cuda_loop_waits_without_spinning() -> None:
+    """Blocking-sync events: through 3 steps of ~0.4 s GPU work the host sleeps (CPU time well below
+    wall time; a spinning wait would burn a core for the whole run)."""
+    config = SamplerConfig(Solver.EULER, 3, (5.0, 3.5), 3.0)
+    latents = random_latents(SHAPES)
+    dev = torch.device("cuda")
+    stream = torch.cuda.Stream()
+    lat, inp, out, ts = _device_problem(latents, dev)
+    cycles = _sleep_cycles(0.4)
+
+    def enqueue(step: int, stream_ptr: int) -> None:
+        with torch.cuda.stream(stream):
+            torch.cuda._sleep(cycles)
+
+    torch.cuda.synchronize()
+    wall, cpu = time.perf_counter(), time.process_time()
+    _sampler.sample_cuda(
+        [x.data_ptr() for x in lat], [x.data_ptr() for x in inp], [x.data_ptr() for x in out],
+        [x.numel() for x in lat], ts.data_ptr(), latents[0].shape[0], config,
+        stream=stream.cuda_stream, enqueue=enqueue, max_inflight=1,
+    )  # fmt: skip
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    assert wall > 0.8, f"the GPU work took only {wall:.2f} s: the test cannot tell spinning from sleeping"
+    assert cpu < 0.5 * wall, f"host CPU time {cpu:.2f} s over {wall:.2f} s of waiting: busy-wait"
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. The engine hand-off (DenoiseSession.loop_binding -> LoopBinding.run)
+# ---------------------------------------------------------------------------------------------
+
+TINY_DIMS = {"batch": 2, "video_frames": 2, "video_height": 4, "video_width": 6, "audio_frames": 4}
+
+
+def _tiny_session(device: str = "cpu") -> tuple[Any, Any]:
+    from javisrt.engine.config import JavisConfig
+    from javisrt.engine.model import build_model, init_weights
+    from javisrt.export.contract import DiTContract
+    from javisrt.runtime.backends import create_engine
+    from javisrt.runtime.denoise_session import DenoiseSession
+
+    cfg = JavisConfig.from_name("tiny")
+    model = init_weights(build_model(cfg), torch.Generator().manual_seed(0)).eval()
+    x = DiTContract.for_config(cfg).sample_inputs(TINY_DIMS, torch.Generator().manual_seed(3))
+    eng = create_engine("torch", model=model, device=device)
+    shapes = {"video": x["video"].shape[1:], "audio": x["audio"].shape[1:]}
+    return eng, DenoiseSession(eng, x["context"].to(device), shapes)
+
+
+def test_loop_binding_dies_with_its_buffers() -> None:
+    """A binding taken before allocate(other dims) / unload() refuses to hand out its dead pointers and
+    its enqueue refuses to run (the loop would write freed buffers)."""
+    eng, session = _tiny_session()
+    lb = session.loop_binding()
+    lb.check_live()
+    eng.allocate({**TINY_DIMS, "video_frames": 3})
+    with pytest.raises(ConfigError, match="released"):
+        lb.sample_cuda_kwargs()
+    with pytest.raises(ConfigError, match="released"):
+        lb.enqueue(0, 0)  # type: ignore[misc]
+    eng.allocate(TINY_DIMS)  # the same dims again: new buffers, the old binding stays dead
+    with pytest.raises(ConfigError, match="released"):
+        lb.check_live()
+    eng2, session2 = _tiny_session()
+    lb2 = session2.loop_binding()
+    eng2.unload()
+    with pytest.raises(ConfigError, match="released"):
+        lb2.run([], SamplerConfig(steps=2, guidance=(5.0, 5.0)))  # liveness first, before the latents
+    eng.unload()
+
+
+def test_loop_binding_checks_latents() -> None:
+    eng, session = _tiny_session()
+    lb = session.loop_binding()
+    good = [torch.zeros(1, *s) for s in ((16, 2, 4, 6), (8, 4, 16))]
+    assert [x.numel() for x in good] == list(lb.numels)
+    lb.check_latents(good)
+    with pytest.raises(ShapeError, match="modalities"):
+        lb.check_latents(good[:1])
+    with pytest.raises(ShapeError, match="float32"):
+        lb.check_latents([good[0].double(), good[1]])
+    with pytest.raises(ShapeError, match="contiguous"):
+        lb.check_latents([good[0].transpose(1, 2), good[1]])
+    with pytest.raises(ShapeError, match="is on meta"):
+        lb.check_latents([good[0].to("meta"), good[1]])
+    with pytest.raises(ShapeError, match="elements"):
+        lb.check_latents([good[0], torch.zeros(1, 8, 4, 8)])
+    with pytest.raises(UnavailableError, match="device buffers"):
+        lb.run(good, SamplerConfig(steps=2, guidance=(5.0, 5.0)))
+    eng.unload()
+
+
+@pytest.mark.gpu
+def test_loop_binding_run_equals_host_loop() -> None:
+    """The CUDA loop through LoopBinding.run (latents from torch.randn on torch's current stream, no
+    sync before the loop) == the host loop through host_denoiser on the same engine, bit for bit:
+    the same deterministic engine sees the same inputs, and the latent math is bit-exact on both."""
+    eng, session = _tiny_session("cuda")
+    cfg = sampling.SamplerConfig.rflow(32, 48, 33, 5, (5.0, 4.0))
+    gen = torch.Generator("cuda").manual_seed(7)
+    latents = [torch.randn(1, *s, device="cuda", generator=gen) for s in ((16, 2, 4, 6), (8, 4, 16))]
+    host = sampling.sample([x.cpu().numpy() for x in latents], session.host_denoiser(), cfg)
+    res = session.loop_binding().run(latents, cfg)
+    assert res.steps_done == 5
+    for x, y in zip(latents, host.latents, strict=True):
+        assert torch.equal(x.cpu(), torch.from_numpy(np.asarray(y)))
+    eng.unload()

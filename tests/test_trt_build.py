@@ -14,7 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
+import onnx.numpy_helper
 import pytest
 from onnx import TensorProto, helper
 
@@ -101,13 +103,22 @@ def test_profiles_and_flags(contract: DiTContract) -> None:
 
 
 class FakeTRT:
-    """Just enough of TensorRT 11's Python API for build_engine; records every call."""
+    """Just enough of TensorRT's Python API (11.x, or 10.x with ``version="10..."``) for build_engine;
+    records every call.
 
-    __version__ = "11.4.0.106"
+    Enum values follow the release: NetworkDefinitionCreationFlag was renumbered in 11.0 (10.x:
+    STRONGLY_TYPED=1, PREFER_JIT=2, PREFER_AOT=3 as in 10.x's NvInfer.h; 11.x: STRONGLY_TYPED=0 (ignored),
+    PREFER_JIT=1, PREFER_AOT=2, tensorrt-notes.md §1.1). TacticSource: 10.x binds CUBLAS, CUBLAS_LT,
+    CUDNN, EDGE_MASK_CONVOLUTIONS, JIT_CONVOLUTIONS (NVIDIA/TensorRT python/src/infer/pyCore.cpp, 10.x);
+    11.x no longer has CUBLAS_LT (review of the 11.1 sources; our search index holds no 11.x NvInfer.h),
+    so the 11.x stand-in lists only the two convolution sources.
+    """
+
     Runtime = None  # import_tensorrt's "is this the real package" probe
     Dims = tuple  # trt.Dims(list) -> compared as tuples below
 
-    def __init__(self) -> None:
+    def __init__(self, version: str = "11.4.0.106") -> None:
+        self.__version__ = version
         self.calls: list[tuple[Any, ...]] = []
         rec = self.calls
 
@@ -124,12 +135,19 @@ class FakeTRT:
                 pass
 
         class Enum:
-            def __init__(self, prefix: str, names: list[str]) -> None:
-                for i, n in enumerate(names):
-                    setattr(self, n, f"{prefix}.{n}" if prefix != "Net" else i + 1)
+            def __init__(self, prefix: str, names: list[str], first: int | None = None) -> None:
+                for i, n in enumerate(names):  # first=None: opaque members; else ints from `first`
+                    setattr(self, n, f"{prefix}.{n}" if first is None else first + i)
 
+        ten = version.startswith("10.")
         self.ILogger, self.IProgressMonitor = ILogger, IProgressMonitor
-        self.NetworkDefinitionCreationFlag = Enum("Net", ["PREFER_JIT_PYTHON_PLUGINS", "PREFER_AOT_PYTHON_PLUGINS"])
+        self.NetworkDefinitionCreationFlag = Enum(
+            "Net", ["STRONGLY_TYPED", "PREFER_JIT_PYTHON_PLUGINS", "PREFER_AOT_PYTHON_PLUGINS"], 1 if ten else 0
+        )
+        conv = ["EDGE_MASK_CONVOLUTIONS", "JIT_CONVOLUTIONS"]
+        self.TacticSource = Enum("TacticSource", ["CUBLAS", "CUBLAS_LT", "CUDNN", *conv], 0) if ten else Enum(
+            "TacticSource", conv, 3
+        )
         self.BuilderFlag = Enum("BuilderFlag", ["REFIT", "REFIT_IDENTICAL", "STRIP_PLAN"])
         self.ProfilingVerbosity = Enum("ProfilingVerbosity", ["DETAILED"])
         self.MemoryPoolType = Enum("MemoryPoolType", ["WORKSPACE"])
@@ -156,6 +174,10 @@ class FakeTRT:
 
             def set_memory_pool_limit(self, pool: Any, size: int) -> None:
                 rec.append(("pool", pool, size))
+
+            def set_tactic_sources(self, mask: int) -> bool:
+                rec.append(("set_tactic_sources", mask))
+                return True
 
             def add_optimization_profile(self, p: Any) -> int:
                 self.profiles += 1
@@ -204,8 +226,8 @@ class FakeTRT:
 
 
 @pytest.fixture
-def fake_trt(monkeypatch: pytest.MonkeyPatch) -> FakeTRT:
-    fake = FakeTRT()
+def fake_trt(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> FakeTRT:
+    fake = FakeTRT(getattr(request, "param", "11.4.0.106"))
     monkeypatch.setitem(sys.modules, "tensorrt", fake)  # every `import tensorrt` inside the builder
     monkeypatch.setattr(trt_build, "_gpu_info", lambda device_id=0: ((9, 0), "NVIDIA H100 80GB HBM3", 13040))
     return fake
@@ -265,3 +287,56 @@ def test_cli_parses_into_build_options(tmp_path: Path, contract: DiTContract, fa
     assert trt_cli.run(args) == 0
     side = json.loads(engine_meta.sidecar_path(tmp_path / "c.plan").read_text())
     assert side["refittable"] is False and side["builder_optimization_level"] == 4
+
+
+def test_timed_engines_are_not_refittable_by_default(tmp_path: Path, contract: DiTContract, fake_trt: FakeTRT) -> None:
+    """kREFIT costs speed: BuildOptions() builds a frozen engine; refit only when asked for."""
+    assert trt_build.BuildOptions().refit is trt_build.Refit.NONE
+    _graph(tmp_path / "model.onnx", contract)
+    meta = trt_build.build_engine(tmp_path, tmp_path / "e.plan")
+    assert not any(c[0] == "set_flag" for c in fake_trt.calls)
+    assert not meta.refittable and not meta.weights_stripped
+
+
+@pytest.mark.parametrize(
+    ("fake_trt", "flavor", "expect"),
+    [("11.4.0.106", "native", 0), ("11.4.0.106", "plugin", 1 << 2),
+     ("10.13.0.35", "native", 1 << 1), ("10.13.0.35", "plugin", (1 << 1) | (1 << 3))],
+    indirect=["fake_trt"],
+)  # fmt: skip
+def test_network_is_strongly_typed_on_every_release(fake_trt: FakeTRT, flavor: str, expect: int) -> None:
+    """TensorRT 10.x builds a weakly typed network from flags 0 (BF16 layers may run in FP32): there the
+    STRONGLY_TYPED bit is set; 11.x is strongly typed only. Bits come from member names (renumbered in 11)."""
+    assert trt_build.network_flags(flavor) == expect
+
+
+@pytest.mark.parametrize("fake_trt", ["9.3.0.1"], indirect=True)
+def test_old_tensorrt_is_refused(fake_trt: FakeTRT) -> None:
+    with pytest.raises(ConfigError, match="too old"):
+        trt_build.network_flags("native")
+
+
+def test_tactic_sources_are_checked_against_tensorrt(tmp_path: Path, contract: DiTContract, fake_trt: FakeTRT) -> None:
+    _graph(tmp_path / "model.onnx", contract)
+    with pytest.raises(ConfigError, match=r"no tactic sources \['CUBLAS_LT'\]"):
+        trt_build.build_engine(tmp_path, tmp_path / "t.plan", trt_build.BuildOptions(tactic_sources=("CUBLAS_LT",)))
+    trt_build.build_engine(tmp_path, tmp_path / "t.plan", trt_build.BuildOptions(tactic_sources=("JIT_CONVOLUTIONS",)))
+    assert ("set_tactic_sources", 1 << 4) in fake_trt.calls
+
+
+def test_artifact_hash_covers_external_weights(tmp_path: Path, contract: DiTContract) -> None:
+    """The recorded onnx_sha256 hashes the graph and its external-data file: a stripped plan's refit
+    source is only accepted with the very weights it was built from."""
+    p = _graph(tmp_path / "model.onnx", contract)
+    assert trt_build.read_artifact(p).sha256 == engine_meta.sha256_file(p)  # inline weights: the file hash
+    m = onnx.load(str(p))
+    m.graph.initializer.append(onnx.numpy_helper.from_array(np.arange(64, dtype=np.float32), "w2"))  # raw data
+    big = tmp_path / "big"
+    big.mkdir()
+    onnx.save_model(m, str(big / "model.onnx"), save_as_external_data=True, location="model.onnx.data",
+                    size_threshold=0)  # fmt: skip
+    before = trt_build.read_artifact(big).sha256
+    data = (big / "model.onnx.data").read_bytes()
+    (big / "model.onnx.data").write_bytes(bytes([data[0] ^ 1]) + data[1:])
+    after = trt_build.read_artifact(big).sha256
+    assert before != after and engine_meta.sha256_file(big / "model.onnx") != before

@@ -14,6 +14,7 @@
 // 1e-6 relative (tests/test_sampler.py::test_cuda_loop_equals_reference), not for exact equality.
 #include <cuda_runtime.h>
 
+#include <cstdio>
 #include <string>
 #include <vector>
 
@@ -98,15 +99,70 @@ __global__ void unipc_kernel(float* in, const float* out, float* x_last, const f
 struct Resources {
   cudaStream_t stream = nullptr;
   std::vector<cudaEvent_t> events;
+  cudaEvent_t producer_done = nullptr;
+  cudaEvent_t done = nullptr;
   std::vector<float*> workspace;
   ~Resources() {
-    if (!workspace.empty()) {
-      for (float* w : workspace) cudaFreeAsync(w, stream);
-      cudaStreamSynchronize(stream);
-    }
+    for (float* w : workspace) cudaFreeAsync(w, stream);
+    // Always, not only with a workspace: when a callback (enqueue, progress, cancel) throws mid-loop,
+    // the kernels already enqueued must not keep writing the caller's buffers after control returns.
+    cudaStreamSynchronize(stream);
     for (cudaEvent_t e : events) cudaEventDestroy(e);
+    if (producer_done) cudaEventDestroy(producer_done);
+    if (done) cudaEventDestroy(done);
   }
 };
+
+// Sets the device for the loop's lifetime and restores the caller's (declared before Resources, so
+// the stream is synchronised on the loop's device before the caller's device is restored).
+struct DeviceGuard {
+  int previous = -1;
+  explicit DeviceGuard(int device) {
+    JAVIS_CUDA_CHECK(cudaGetDevice(&previous));
+    if (previous != device) JAVIS_CUDA_CHECK(cudaSetDevice(device));
+  }
+  ~DeviceGuard() {
+    if (previous >= 0) cudaSetDevice(previous);
+  }
+};
+
+std::string hex(uintptr_t p) {
+  char buf[2 + 2 * sizeof(uintptr_t) + 1];
+  std::snprintf(buf, sizeof(buf), "0x%llx", static_cast<unsigned long long>(p));
+  return buf;
+}
+
+// The device a pointer's memory lives on; ShapeError for host, unregistered or unknown pointers.
+int device_of(uintptr_t ptr, const std::string& what) {
+  cudaPointerAttributes a{};
+  const cudaError_t err = cudaPointerGetAttributes(&a, reinterpret_cast<const void*>(ptr));
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    throw ShapeError(what + ": cudaPointerGetAttributes(" + hex(ptr) + ") failed: " + cudaGetErrorName(err));
+  }
+  if (a.type != cudaMemoryTypeDevice && a.type != cudaMemoryTypeManaged)
+    throw ShapeError(what + ": " + hex(ptr) + " is not CUDA device memory (host or unregistered pointer)");
+  return a.device;
+}
+
+std::string cuda_version_str(int v) {
+  return std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10);
+}
+
+// "driver supports CUDA 12.4, this build's static runtime is CUDA 13.0 ..." for UnavailableError.
+std::string versions_note() {
+  int driver = 0, runtime = 0;
+  cudaDriverGetVersion(&driver);    // 0 when no driver is installed
+  cudaRuntimeGetVersion(&runtime);  // the static runtime linked into this module
+  std::string s = "driver: " + (driver ? "supports CUDA " + cuda_version_str(driver)
+                                       : std::string("none found")) +
+                  "; javisrt._sampler's static runtime: CUDA " + cuda_version_str(runtime);
+  if (driver && driver < runtime)
+    s += ". The driver is too old for this runtime (CUDA " + std::to_string(runtime / 1000) +
+         " needs driver R580 or newer): update the driver, or rebuild javisrt._sampler with the CUDA "
+         "toolkit of the deployed torch's CUDA major (README, 'Building the C++ loop')";
+  return s;
+}
 
 }  // namespace
 
@@ -118,9 +174,9 @@ int cuda_device_count() {
   if (err != cudaSuccess) {
     cudaGetLastError();  // reset the (non-sticky) error state so later runtime calls start clean
     throw UnavailableError(std::string("no usable CUDA device: ") + cudaGetErrorName(err) + " (" +
-                           cudaGetErrorString(err) + ")");
+                           cudaGetErrorString(err) + "); " + versions_note());
   }
-  if (count == 0) throw UnavailableError("no CUDA device is visible");
+  if (count == 0) throw UnavailableError("no CUDA device is visible; " + versions_note());
   return count;
 }
 
@@ -145,12 +201,44 @@ LoopResult run_cuda_loop(const SamplerConfig& config, const CudaLoopArgs& args,
   }
   cuda_device_count();  // UnavailableError without a GPU or driver
 
+  // Device selection: every buffer on one device, which becomes current for the loop.
+  const int device = device_of(args.timesteps, "timesteps");
+  for (size_t k = 0; k < k_mod; ++k) {
+    const CudaModality& m = args.modalities[k];
+    const std::string mod = "modality " + std::to_string(k);
+    for (auto [ptr, name] : {std::pair{m.latent, "latent"}, {m.input, "input"}, {m.output, "output"}}) {
+      const int d = device_of(ptr, mod + " " + name);
+      if (d != device)
+        throw ShapeError(mod + " " + name + " is on cuda:" + std::to_string(d) + ", the timesteps buffer on cuda:" +
+                         std::to_string(device) + ": all loop buffers must be on one device");
+    }
+  }
+  DeviceGuard guard(device);
+  const cudaStream_t s = reinterpret_cast<cudaStream_t>(args.stream);
+#if CUDART_VERSION >= 12080
+  for (auto [stream, what] : {std::pair{args.stream, "stream"}, {args.wait_producer ? args.producer : args.stream, "producer stream"}}) {
+    int sd = device;
+    JAVIS_CUDA_CHECK(cudaStreamGetDevice(reinterpret_cast<cudaStream_t>(stream), &sd));
+    if (sd != device)
+      throw ShapeError(std::string(what) + " belongs to cuda:" + std::to_string(sd) + ", the buffers are on cuda:" +
+                       std::to_string(device));
+  }
+#endif
+
   Resources res;
-  res.stream = reinterpret_cast<cudaStream_t>(args.stream);
-  cudaStream_t s = res.stream;
+  res.stream = s;
   const int steps = static_cast<int>(plan.size());
   res.events.resize(static_cast<size_t>(steps) + 1, nullptr);
-  for (cudaEvent_t& e : res.events) JAVIS_CUDA_CHECK(cudaEventCreate(&e));
+  // Blocking sync: the host sleeps in cudaEventSynchronize instead of spinning a core through
+  // multi-second steps. Timing stays enabled (step_times_s).
+  for (cudaEvent_t& e : res.events) JAVIS_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventBlockingSync));
+  JAVIS_CUDA_CHECK(cudaEventCreateWithFlags(&res.done, cudaEventBlockingSync | cudaEventDisableTiming));
+  if (args.wait_producer) {
+    // Stream order with the producer (torch.randn latents, zeroed buffers, copies on torch's stream).
+    JAVIS_CUDA_CHECK(cudaEventCreateWithFlags(&res.producer_done, cudaEventDisableTiming));
+    JAVIS_CUDA_CHECK(cudaEventRecord(res.producer_done, reinterpret_cast<cudaStream_t>(args.producer)));
+    JAVIS_CUDA_CHECK(cudaStreamWaitEvent(s, res.producer_done, 0));
+  }
 
   // UniPC history per modality: x_last, m_a, m_b (n floats each), zeroed, stream-ordered.
   struct Hist {
@@ -238,7 +326,8 @@ LoopResult run_cuda_loop(const SamplerConfig& config, const CudaLoopArgs& args,
                                      static_cast<size_t>(m.numel) * sizeof(float),
                                      cudaMemcpyDeviceToDevice, s));
   }
-  JAVIS_CUDA_CHECK(cudaStreamSynchronize(s));
+  JAVIS_CUDA_CHECK(cudaEventRecord(res.done, s));
+  JAVIS_CUDA_CHECK(cudaEventSynchronize(res.done));  // blocking sync (no busy wait)
   report_through(enqueued);
   return result;
 }

@@ -206,7 +206,7 @@ py::object sample_cuda(const std::vector<uintptr_t>& latents, const std::vector<
                        const std::vector<uintptr_t>& outputs, const std::vector<int64_t>& numels,
                        uintptr_t timesteps, int64_t batch, const py::object& config, uintptr_t stream,
                        uintptr_t graph_exec, const py::object& enqueue, const py::object& progress,
-                       const py::object& cancel, int max_inflight) {
+                       const py::object& cancel, int max_inflight, const py::object& wait_stream) {
   const SamplerConfig cfg = config_from_py(config);
   const size_t k_mod = latents.size();
   if (inputs.size() != k_mod || outputs.size() != k_mod || numels.size() != k_mod)
@@ -219,6 +219,10 @@ py::object sample_cuda(const std::vector<uintptr_t>& latents, const std::vector<
   args.stream = stream;
   args.graph_exec = graph_exec;
   args.max_inflight = max_inflight;
+  if (!wait_stream.is_none()) {
+    args.wait_producer = true;
+    args.producer = wait_stream.cast<uintptr_t>();
+  }
   if (!enqueue.is_none())
     args.enqueue = [&enqueue](int step, uintptr_t s) {
       py::gil_scoped_acquire gil;
@@ -312,7 +316,7 @@ The GIL is released during the C++ math and taken only for the callbacks.)doc");
         py::arg("numels"), py::arg("timesteps"), py::arg("batch"), py::arg("config"), py::kw_only(),
         py::arg("stream") = 0, py::arg("graph_exec") = 0, py::arg("enqueue") = py::none(),
         py::arg("progress") = py::none(), py::arg("cancel") = py::none(),
-        py::arg("max_inflight") = 2,
+        py::arg("max_inflight") = 2, py::arg("wait_stream") = py::none(),
         R"doc(Run the sampling loop on a CUDA stream over device buffers (pointers as ints).
 
 latents[k]: float32 [B, ...] (numels[k] elements), initial noise in, final latent out (in place).
@@ -321,6 +325,12 @@ timesteps: its float32 [2B] timestep buffer. Each step fills timesteps, runs the
 graph_exec (a cudaGraphExec_t) or calls enqueue(step, stream), which must enqueue on `stream` - then
 the CFG + update kernels write x into both halves of inputs[k]. No host sync inside a step; before
 step i the host waits for step i - max_inflight (0: never) so progress and cancel follow the GPU.
+wait_stream: a cudaStream_t (e.g. torch.cuda.current_stream().cuda_stream; 0 = the legacy default
+stream) whose queued work - the latents' producer, buffer zeroing, copies - `stream` waits for before
+the loop starts; None: no wait (the caller orders the streams).
+The loop runs on the device of the buffers (all pointers must be device memory of one device, the
+streams on it) and restores the caller's current device. It returns only after every kernel it
+enqueued has finished, also when a callback raises. Host waits use blocking-sync events.
 Returns SampleResult with latents = the device pointers and step_times_s from CUDA events.
 Raises UnavailableError without a GPU/driver or when built without nvcc.)doc");
   m.def("cuda_compiled", &cuda_compiled, "True when the extension was built with nvcc.");

@@ -9,13 +9,16 @@ lazily inside functions; CUDA streams, device memory and graphs come from cuda-p
   (``export/engine_meta.py``: TensorRT version, GPU SM, precision, profiles/contract, checkpoint
   hash, plan SHA-256), then ``trt.Runtime.deserialize_cuda_engine``; the deserialized engine's
   I/O names, modes, dtypes and profile count are checked against the contract. A weight-stripped plan
-  is refitted from its ONNX before first use.
+  is refitted before first use from its ONNX, which must be the one it was built from (kREFIT_IDENTICAL:
+  the recorded ``onnx_sha256``, graph + external data, is checked first).
 * **Allocate** (per shape bucket): pick the first free optimisation profile containing the bucket
   (one profile per concurrently used context, NvInferRuntime.h), ``set_optimization_profile_async``,
   ``cudaMalloc`` every I/O buffer, then in TensorRT 11's order ``set_input_shape`` (all inputs) ->
   ``infer_shapes`` / output shapes checked -> ``set_tensor_address`` (all I/O).
 * **Infer**: async H2D copies into the bound inputs, ``execute_async_v3(stream)``, or the replay
-  of the bucket's CUDA graph (captured after one warm-up enqueue, tensorrt-notes §6); outputs come
+  of the bucket's CUDA graph (captured after one warm-up enqueue, tensorrt-notes §6). On a caller's
+  stream the run first waits (event) for the copies and profile switch queued on the engine's stream,
+  and the engine's stream then waits for the run (output copies, next writes); outputs come
   back as host tensors on request, while the C++ loop uses the device buffers directly
   (:meth:`javisrt.runtime.denoise_session.DenoiseSession.loop_binding`).
 * **Concurrency**: one execution context + stream per :class:`TensorRTEngine`.
@@ -136,6 +139,7 @@ class TensorRTEngine(Engine):
         self._shared: LoadedPlan | None = None
         self.context: Any = None
         self._stream: Any = None
+        self._event: Any = None  # orders the engine's stream and a caller's stream (_run)
         self._device_buffers: dict[str, int] = {}
         self._host_out: dict[str, torch.Tensor] = {}
         self._staging: list[torch.Tensor] = []  # host sources of in-flight H2D copies
@@ -162,6 +166,7 @@ class TensorRTEngine(Engine):
         if self.context is None:
             raise RuntimeError("TensorRT could not create an execution context (out of device memory?)")
         self._stream = cuda_call(rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking), "cudaStreamCreate")
+        self._event = cuda_call(rt.cudaEventCreateWithFlags(rt.cudaEventDisableTiming), "cudaEventCreate")
 
     def _deserialize(self) -> LoadedPlan:
         import_tensorrt()
@@ -188,6 +193,7 @@ class TensorRTEngine(Engine):
         if meta.weights_stripped:
             if self.refit_onnx is None:
                 raise ConfigError(f"{self.plan_path} was built weight-stripped: pass refit_onnx= (the ONNX with the weights)")
+            engine_meta.check_refit_source(meta, self.refit_onnx, where=str(self.plan_path))
             refit_engine_from_onnx(engine, logger, self.refit_onnx)
         log.info("deserialized %s: TensorRT %s, %s, %s, %d profiles", self.plan_path.name, meta.tensorrt_version,
                  meta.sm, meta.precision, engine.num_optimization_profiles)  # fmt: skip
@@ -251,13 +257,24 @@ class TensorRTEngine(Engine):
         )
 
     def _run(self, stream: int | None) -> None:
-        handle = int(self._stream) if stream is None else int(stream)
+        own = int(self._stream)
+        handle = own if stream is None else int(stream)
+        if handle != own:  # the input copies and the profile switch were queued on the engine's stream
+            self._stream_wait(handle, own)
         key = self._key()
         if key in self._graphs:
             cuda_call(cudart().cudaGraphLaunch(self._graphs[key][1], handle), "cudaGraphLaunch")
-            return
-        if not self.context.execute_async_v3(handle):
+        elif not self.context.execute_async_v3(handle):
             raise RuntimeError(f"execute_async_v3 failed at {self._bucket} (see the TensorRT log)")
+        if handle != own:  # output copies and the next writes (engine's stream) come after this run
+            self._stream_wait(own, handle)
+
+    def _stream_wait(self, waiter: int, producer: int) -> None:
+        """``waiter`` waits for the work queued on ``producer`` so far (one event serves every join:
+        cudaStreamWaitEvent waits for the event's latest record at the time of the call)."""
+        rt = cudart()
+        cuda_call(rt.cudaEventRecord(self._event, producer), "cudaEventRecord")
+        cuda_call(rt.cudaStreamWaitEvent(waiter, self._event, 0), "cudaStreamWaitEvent")
 
     def _key(self) -> tuple[tuple[str, int], ...]:
         assert self._bucket is not None
@@ -286,13 +303,18 @@ class TensorRTEngine(Engine):
             mode = rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
             cuda_call(rt.cudaStreamBeginCapture(self._stream, mode), "cudaStreamBeginCapture")
             ok = self.context.execute_async_v3(int(self._stream))
-            graph = cuda_call(rt.cudaStreamEndCapture(self._stream), "cudaStreamEndCapture")
-            if not ok:
-                cuda_call(rt.cudaGraphDestroy(graph), "cudaGraphDestroy")
+            # End the capture before any raise (the stream must leave capture mode), and explain a failed or
+            # invalidated capture before cuda_call would report the bare CUDA error.
+            err, graph = rt.cudaStreamEndCapture(self._stream)
+            if not ok or err == rt.cudaError_t.cudaErrorStreamCaptureInvalidated:
+                if err == rt.cudaError_t.cudaSuccess and graph is not None:
+                    cuda_call(rt.cudaGraphDestroy(graph), "cudaGraphDestroy")
                 raise RuntimeError(
                     "execute_async_v3 is not capturable for this engine (weight streaming, data-dependent shapes or a "
-                    "JIT plugin?); construct the engine with cuda_graphs=False"
+                    "JIT plugin?); construct the engine with cuda_graphs=False "
+                    f"(execute_async_v3 returned {ok}, cudaStreamEndCapture: {err.name})"
                 )
+            graph = cuda_call((err, graph), "cudaStreamEndCapture")
             exec_ = cuda_call(rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
             self._graphs[key] = (graph, exec_)
             log.info("tensorrt engine: captured a CUDA graph for %s", self._bucket)
@@ -334,6 +356,9 @@ class TensorRTEngine(Engine):
         rt = cudart()
         shared = self._shared
         self.context = None  # reverse order: contexts -> engine -> runtime
+        if self._event is not None:
+            cuda_call(rt.cudaEventDestroy(self._event), "cudaEventDestroy")
+            self._event = None
         if self._stream is not None:
             cuda_call(rt.cudaStreamDestroy(self._stream), "cudaStreamDestroy")
             self._stream = None

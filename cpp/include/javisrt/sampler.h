@@ -132,7 +132,9 @@ LoopResult run_host_loop(const SamplerConfig& config, const std::vector<float*>&
 // ---- CUDA loop (src/cuda_loop.cu; src/cuda_unavailable.cpp when built without nvcc)
 
 bool cuda_compiled();
-// Number of visible devices; throws UnavailableError when the runtime or driver cannot be used.
+// Number of visible devices; throws UnavailableError when the runtime or driver cannot be used (its
+// message names the driver's and this build's runtime CUDA versions: a driver too old for the static
+// runtime otherwise reads like "no GPU").
 int cuda_device_count();
 
 struct CudaModality {
@@ -147,11 +149,17 @@ struct CudaLoopArgs {
   uintptr_t timesteps = 0;  // [2B] fp32 device buffer the denoiser reads, written by the loop per step
   int64_t batch = 0;        // B
   uintptr_t stream = 0;     // cudaStream_t (0: legacy default stream)
+  // The stream that produced the latents and zeroed/wrote the buffers (e.g. torch's current stream):
+  // the loop's stream waits for everything queued on it so far. Ignored unless wait_producer.
+  bool wait_producer = false;
+  uintptr_t producer = 0;
   uintptr_t graph_exec = 0; // cudaGraphExec_t replayed as the denoiser (0: use `enqueue`)
   std::function<void(int step, uintptr_t stream)> enqueue;  // enqueues the denoiser on `stream`
   int max_inflight = 2;     // steps enqueued ahead of the last one known complete
 };
 
+// Runs on the device holding the buffers (every pointer is checked to be device memory of one device,
+// and the stream to belong to it); the caller's current device is restored on return.
 LoopResult run_cuda_loop(const SamplerConfig& config, const CudaLoopArgs& args, const LoopHooks& hooks);
 
 }  // namespace javisrt
