@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import functools
 import importlib.util
 import json
 import logging
@@ -274,7 +275,7 @@ def ceilings(opts: ProofOptions) -> tuple[float | None, float | None]:
 def part_env(opts: ProofOptions, deadline: Deadline) -> dict[str, Any]:
     from javisrt.bench.results import versions
 
-    vers = versions()
+    vers: dict[str, str | None] = dict(versions())
     vers["torch_cuda"] = str(torch.version.cuda)
     vers["cudnn"] = str(torch.backends.cudnn.version()) if opts.cuda else None
     props: dict[str, Any] = {"name": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
@@ -319,7 +320,7 @@ def pytest_node_ids(tiny: bool) -> list[str]:
 def junit_counts(path: Path) -> dict[str, Any]:
     root = ET.parse(path).getroot()
     suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
-    counts = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+    counts: dict[str, Any] = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
     failed = []
     for case in root.iter("testcase"):
         if case.find("failure") is not None or case.find("error") is not None:
@@ -485,7 +486,7 @@ def part_kernels(opts: ProofOptions, deadline: Deadline) -> dict[str, Any]:
     if not opts.cuda:
         backends = {"rope+sdpa_math": SDPBackend.MATH}
     for name, backend in backends.items():
-        item(attn, name, deadline, lambda b=backend: figures(bench_ms(torch_attention(b), dev), flop, ceil))
+        item(attn, name, deadline, functools.partial(lambda b: figures(bench_ms(torch_attention(b), dev), flop, ceil), backend))
     res["self_attention"] = attn
 
     # -- cross-attention: L queries x 512 text keys, no RoPE --
@@ -498,7 +499,7 @@ def part_kernels(opts: ProofOptions, deadline: Deadline) -> dict[str, Any]:
             with sdpa_kernel(b):
                 return F.scaled_dot_product_attention(q.transpose(1, 2), kt.transpose(1, 2), vt.transpose(1, 2))
 
-        item(cross, name.removeprefix("rope+"), deadline, lambda f=sdpa: figures(bench_ms(f, dev), cflop, ceil))
+        item(cross, name.removeprefix("rope+"), deadline, functools.partial(lambda f: figures(bench_ms(f, dev), cflop, ceil), sdpa))
     res["cross_attention"] = cross
 
     # -- the per-modality FFN (adaLN modulate + up + GELU-tanh + down + gated residual) --
@@ -787,7 +788,7 @@ def part_sampling(opts: ProofOptions, deadline: Deadline) -> dict[str, Any]:
     item(res, "host_overhead", deadline, lambda: host_overhead(opts), need_s=2)
     runs: dict[str, Any] = {}
     for ops in opts.ops:
-        item(runs, ops, deadline, lambda o=ops: denoise_run(opts, o), need_s=2 if opts.tiny else 15)
+        item(runs, ops, deadline, functools.partial(denoise_run, opts, ops), need_s=2 if opts.tiny else 15)
     res["denoise"] = runs
     return res
 
