@@ -64,6 +64,8 @@ from typing import Any
 
 import torch
 
+from javisrt.export.contract import AUDIO, TIMESTEP, VIDEO
+
 log = logging.getLogger("javisrt.bench.gpu_proof")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -589,7 +591,7 @@ def proof_session(engine: Any, opts: ProofOptions, seed: int = 0) -> tuple[Any, 
     g = torch.Generator().manual_seed(seed)
     context = torch.randn(2, cfg.text_len, cfg.text_dim, generator=g).to(opts.device)
     noise = [x for x in draw_noise(geo, seed, device=opts.device) if x is not None]
-    shapes = {"video": noise[0].shape[1:], "audio": noise[1].shape[1:]}
+    shapes = {VIDEO: noise[0].shape[1:], AUDIO: noise[1].shape[1:]}
     return DenoiseSession(engine, context, shapes, video_frames=geo.video_latent_frames), noise
 
 
@@ -606,8 +608,8 @@ def part_forward(opts: ProofOptions, deadline: Deadline) -> dict[str, Any]:
                            "size": list(gen.size), "tokens": [grid.num_video_tokens, grid.num_audio_tokens],
                            "tflop": round(flop / 1e12, 3), "ceiling_tflops": ceil, "runs": {}}  # fmt: skip
     g = torch.Generator().manual_seed(3)
-    step = {"video": torch.randn(2, *geo.video, generator=g), "audio": torch.randn(2, *geo.audio, generator=g),
-            "timestep": torch.full((2,), 991.64)}  # fmt: skip
+    step = {VIDEO: torch.randn(2, *geo.video, generator=g), AUDIO: torch.randn(2, *geo.audio, generator=g),
+            TIMESTEP: torch.full((2,), 991.64)}  # fmt: skip
     ref: dict[str, torch.Tensor] = {}
     for ops in opts.ops:
         for mode in ("eager", "graph"):

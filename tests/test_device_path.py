@@ -21,6 +21,7 @@ from javisrt.engine.config import JavisConfig
 from javisrt.engine.errors import ConfigError, UnavailableError
 from javisrt.engine.latents import draw_noise, latent_geometry
 from javisrt.engine.model import random_model
+from javisrt.export.contract import AUDIO, BATCH, VIDEO
 from javisrt.runtime import sampling
 from javisrt.runtime.backends import create_engine
 from javisrt.runtime.cli import build_parser
@@ -41,7 +42,7 @@ def _request(device: str, seed: int = 0) -> tuple[torch.Tensor, list[torch.Tenso
 
 def _session(engine: Any, context: torch.Tensor, noise: list[torch.Tensor]) -> DenoiseSession:
     return DenoiseSession(
-        engine, context, {"video": noise[0].shape[1:], "audio": noise[1].shape[1:]},
+        engine, context, {VIDEO: noise[0].shape[1:], AUDIO: noise[1].shape[1:]},
         video_frames=GEOMETRY.video_latent_frames,
     )  # fmt: skip
 
@@ -177,7 +178,7 @@ def test_device_loop_equals_host_loop(config: sampling.SamplerConfig, graphs: bo
     assert all(x.device.type == "cuda" and x.dtype == torch.float32 for x in dev.latents)
     host = session.sample(noise, config, loop="host")
     assert host.loop is DenoiseLoop.HOST
-    for name, d, h in zip(("video", "audio"), dev.latents, host.latents, strict=True):
+    for name, d, h in zip((VIDEO, AUDIO), dev.latents, host.latents, strict=True):
         assert torch.isfinite(d).all()
         assert_within(d.cpu(), h, _loop_atol(h, config.steps), f"{name} (device vs host loop)")
     for x, x0 in zip(noise, _request("cuda")[1], strict=True):
@@ -198,7 +199,7 @@ def test_device_loop_captures_one_graph_per_bucket() -> None:
     assert b1.graph_exec != 0 and b1.graph_exec == b2.graph_exec
     kwargs = b1.sample_cuda_kwargs()
     assert kwargs["graph_exec"] == b1.graph_exec and kwargs["enqueue"] is None
-    engine.allocate({**session.dims, "batch": 4})
+    engine.allocate({**session.dims, BATCH: 4})
     with pytest.raises(ConfigError, match="released"):
         b1.sample_cuda_kwargs()
     engine.unload()
