@@ -902,7 +902,47 @@ def summary_markdown(records: list[dict[str, Any]], opts: ProofOptions, total_s:
                                  f"| {v['total_s']} s, {v['ms_per_step_median']} ms/step |")  # fmt: skip
                 else:
                     lines.append(f"| sampling | denoise ops {k} | {v.get('status')} |")
+    lines += ["", *goal_lines(records)]
     return "\n".join(lines) + "\n"
+
+
+def _get(tree: Any, *path: str) -> Any:
+    for key in path:
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def goal_lines(records: list[dict[str, Any]]) -> list[str]:
+    """The issue's goals against what this run measured (absent figures: "not measured")."""
+    by_name = {r["name"]: r.get("results") or {} for r in records}
+    rows = ["| goal | target | measured | met |", "| --- | --- | --- | --- |"]
+
+    def row(goal: str, target: str, value: float | None, ok: Callable[[float], bool], unit: str) -> None:
+        if value is None:
+            rows.append(f"| {goal} | {target} | not measured | - |")
+        else:
+            rows.append(f"| {goal} | {target} | {value:.4g} {unit} | {'yes' if ok(value) else 'NO'} |")
+
+    denoise = _get(by_name, "sampling", "denoise") or {}
+    bf16 = [v for k, v in denoise.items() if k in ("torch", "triton") and _get(v, "status") == "ok" and v.get("loop") == "device"]
+    best = min(bf16, key=lambda v: v["ms_per_step_median"]) if bf16 else None
+    row("BF16 50-step CFG, ms/step (device loop)", "<= 90", best and best["ms_per_step_median"], lambda x: x <= 90, "ms")
+    row("BF16 50-step CFG, total", "<= 4.5 s", best and best["total_s"], lambda x: x <= 4.5, "s")
+    fp8 = _get(denoise, "triton-fp8")
+    fp8_ms = fp8["ms_per_step_median"] if _get(fp8, "status") == "ok" else None
+    row("FP8 50-step CFG, ms/step", "<= 70", fp8_ms, lambda x: x <= 70, "ms")
+    runs = _get(by_name, "forward", "runs") or {}
+    pcts = [v["pct_matmul_ceiling"] for k, v in runs.items() if k.endswith("/graph") and not k.startswith("triton-fp8")
+            and _get(v, "status") == "ok" and v.get("pct_matmul_ceiling") is not None]  # fmt: skip
+    row("BF16 forward (graph), % of the matmul ceiling", ">= 65%", max(pcts) if pcts else None, lambda x: x >= 65, "%")
+    ho = _get(by_name, "sampling", "host_overhead", "max_inflight_2", "us_per_step")
+    row("device-loop host overhead per step", "< 20 us", ho, lambda x: x < 20, "us")
+    ours = _get(by_name, "kernels", "self_attention", "ours", "ms")
+    flash = _get(by_name, "kernels", "self_attention", "rope+sdpa_flash", "ms")
+    row("attention: SDPA-flash ms / ours ms", ">= 1", flash / ours if ours and flash else None, lambda x: x >= 1, "x")
+    return rows
 
 
 def parse_args(argv: list[str] | None) -> ProofOptions:

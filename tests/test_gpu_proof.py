@@ -112,3 +112,40 @@ def test_proof_imports_and_gpu_tests_collect_without_diffusers_av_modelopt(tmp_p
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "error" not in proc.stdout.lower()
+
+
+def test_summary_of_a_gpu_shaped_run() -> None:
+    """The summary and the goal table from records shaped like a CUDA run's (which CI cannot produce)."""
+    ok = {"status": "ok"}
+    records = [
+        {"part": 0, "name": "env", "status": "ok", "seconds": 3, "note": "", "results": {
+            "device": {"name": "NVIDIA H200"}, "versions": {"torch": "2.11.0", "triton": "3.6.0"},
+            "ceilings": {"matmul": {"n": 8192, "dtype": "torch.bfloat16", "tflops": 780.0}, "copy": {"gbps": 4300.0}}}},
+        {"part": 1, "name": "correctness", "status": "failed", "seconds": 90, "note": "failed: pytest exit 1", "results": {
+            "fp8_attention": {**ok, "max_err": 1e-3, "atol": 2e-3},
+            "pytest": {"status": "failed: pytest exit 1", "tests": 20, "failures": 1, "errors": 0, "skipped": 2}}},
+        {"part": 2, "name": "kernels", "status": "ok", "seconds": 50, "note": "", "results": {
+            "self_attention": {"ours": {**ok, "ms": 1.2, "tflops": 540.0, "pct_matmul_ceiling": 69.2},
+                               "rope+sdpa_flash": {**ok, "ms": 1.5, "tflops": 432.0, "pct_matmul_ceiling": 55.4}},
+            "adaln": {"ours": {**ok, "ms": 0.02, "gbps": 3000.0, "pct_copy_ceiling": 70.0}}}},
+        {"part": 3, "name": "forward", "status": "ok", "seconds": 40, "note": "", "results": {"tflop": 57.8, "runs": {
+            "torch/graph": {**ok, "ms": 120.0, "tflops": 481.0, "pct_matmul_ceiling": 61.7},
+            "triton/graph": {**ok, "ms": 100.0, "tflops": 578.0, "pct_matmul_ceiling": 74.1,
+                             "rel_diff_vs_torch": {"video_velocity": 3e-3}},
+            "triton-fp8/eager": {"status": "skipped: op set not available"}}}},
+        {"part": 4, "name": "sampling", "status": "ok", "seconds": 30, "note": "", "results": {
+            "loop_equals_reference": {"euler": {"bit_exact": True, "loop": "sample_cuda (graph replay)"}},
+            "host_overhead": {"max_inflight_2": {"us_per_step": 12.5}},
+            "denoise": {"triton": {**ok, "loop": "device", "cuda_graph": True, "steps": 50, "total_s": 5.1,
+                                   "ms_per_step_median": 101.0},
+                        "triton-fp8": {"status": "skipped: op set not available"}}}},
+    ]
+    opts = gpu_proof.parse_args(["--out", "x"])
+    text = gpu_proof.summary_markdown(records, opts, 213.0)
+    assert "| kernels | self_attention: ours | 1.200 ms, 540.0 TFLOP/s, 69% of matmul |" in text
+    assert "| BF16 50-step CFG, ms/step (device loop) | <= 90 | 101 ms | NO |" in text
+    assert "| BF16 forward (graph), % of the matmul ceiling | >= 65% | 74.1 % | yes |" in text
+    assert "| device-loop host overhead per step | < 20 us | 12.5 us | yes |" in text
+    assert "| attention: SDPA-flash ms / ours ms | >= 1 | 1.25 x | yes |" in text
+    assert "| FP8 50-step CFG, ms/step | <= 70 | not measured | - |" in text
+    assert "20 tests, 1 failures" in text
