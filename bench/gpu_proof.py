@@ -745,10 +745,21 @@ def host_overhead(opts: ProofOptions) -> dict[str, Any]:
     return row
 
 
-def denoise_run(opts: ProofOptions, ops: str) -> dict[str, Any]:
+def latent_fidelity(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    """Cosine similarity and PSNR (data range of ``ref``) of final latents against the torch op set's:
+    a latent-space proxy (the VAEs need diffusers, absent on the GPU machine)."""
+    o, r = out.double().flatten(), ref.double().flatten()
+    mse = float(((o - r) ** 2).mean())
+    peak = float(r.max() - r.min())
+    return {"cosine": float(torch.nn.functional.cosine_similarity(o, r, dim=0)),
+            "psnr_db": math.inf if mse == 0 else 10 * math.log10(peak**2 / mse), "rel_err": rel(out, ref)}  # fmt: skip
+
+
+def denoise_run(opts: ProofOptions, ops: str, finals: dict[str, list[torch.Tensor]]) -> dict[str, Any]:
     """A real CFG denoising pass (50 steps, 240p/4 s) through DenoiseSession.sample, the pipeline's
     path: the device loop replaying the whole-step CUDA graph on CUDA. Two passes: the first includes
-    the graph capture, the second is steady state."""
+    the graph capture, the second is steady state. Final latents go to ``finals[ops]``; against the
+    torch op set's (when it ran first) the row gets latent cosine / PSNR."""
     from javisrt.runtime.backends import create_engine
     from javisrt.runtime.pipeline import default_cuda_graphs
 
@@ -772,7 +783,12 @@ def denoise_run(opts: ProofOptions, ops: str) -> dict[str, Any]:
             res = session.sample(noise, config)
             runs.append(res)
         last = runs[-1]
+        finals[ops] = [x.float().cpu() for x in last.latents]
+        vs_torch = {}
+        if ops != "torch" and "torch" in finals:
+            vs_torch = {name: latent_fidelity(x, r) for name, x, r in zip((VIDEO, AUDIO), finals[ops], finals["torch"], strict=True)}
         return {
+            "vs_torch_latents": vs_torch,
             "status": "ok", "ops": ops, "loop": last.loop.value, "cuda_graph": last.graph, "steps": last.steps_done,
             "first_total_s": round(runs[0].seconds, 3), "total_s": round(last.seconds, 3),
             "ms_per_step_median": round(statistics.median(last.step_times_s) * 1e3, 3),
@@ -789,8 +805,9 @@ def part_sampling(opts: ProofOptions, deadline: Deadline) -> dict[str, Any]:
     item(res, "loop_equals_reference", deadline, lambda: loop_equals_reference(opts), need_s=2)
     item(res, "host_overhead", deadline, lambda: host_overhead(opts), need_s=2)
     runs: dict[str, Any] = {}
+    finals: dict[str, list[torch.Tensor]] = {}
     for ops in opts.ops:
-        item(runs, ops, deadline, functools.partial(denoise_run, opts, ops), need_s=2 if opts.tiny else 15)
+        item(runs, ops, deadline, functools.partial(denoise_run, opts, ops, finals), need_s=2 if opts.tiny else 15)
     res["denoise"] = runs
     return res
 
@@ -898,8 +915,10 @@ def summary_markdown(records: list[dict[str, Any]], opts: ProofOptions, total_s:
                     lines.append(f"| sampling | host overhead {k} | {v['us_per_step']} us/step |")
             for k, v in (res.get("denoise") or {}).items():
                 if v.get("status") == "ok":
+                    fid = "".join(f", {m} latent PSNR {f['psnr_db']:.1f} dB (cos {f['cosine']:.5f})"
+                                  for m, f in (v.get("vs_torch_latents") or {}).items())  # fmt: skip
                     lines.append(f"| sampling | {v['steps']}-step CFG run, ops {k} ({v['loop']} loop, graph {v['cuda_graph']}) "
-                                 f"| {v['total_s']} s, {v['ms_per_step_median']} ms/step |")  # fmt: skip
+                                 f"| {v['total_s']} s, {v['ms_per_step_median']} ms/step{fid} |")  # fmt: skip
                 else:
                     lines.append(f"| sampling | denoise ops {k} | {v.get('status')} |")
     lines += ["", *goal_lines(records)]

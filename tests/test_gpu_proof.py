@@ -149,3 +149,15 @@ def test_summary_of_a_gpu_shaped_run() -> None:
     assert "| attention: SDPA-flash ms / ours ms | >= 1 | 1.25 x | yes |" in text
     assert "| FP8 50-step CFG, ms/step | <= 70 | not measured | - |" in text
     assert "20 tests, 1 failures" in text
+
+
+def test_latent_fidelity() -> None:
+    import math
+
+    import torch
+
+    ref = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    same = gpu_proof.latent_fidelity(ref, ref)
+    assert same["psnr_db"] == math.inf and same["cosine"] == pytest.approx(1.0) and same["rel_err"] == 0
+    noisy = gpu_proof.latent_fidelity(ref + torch.tensor([0.3, -0.3, 0.3, -0.3]), ref)
+    assert noisy["psnr_db"] == pytest.approx(10 * math.log10(3.0**2 / 0.09))  # range 3, mse 0.09
