@@ -78,10 +78,8 @@ SUMMARY = "summary.md"
 # Seconds each part is expected to take (full size on an H100/H200; tiny on 2 CPU cores): a part starts
 # only if elapsed + estimate <= deadline.
 ESTIMATE_S = {False: {0: 10, 1: 100, 2: 60, 3: 70, 4: 50}, True: {0: 1, 1: 40, 2: 4, 3: 4, 4: 4}}
-# Test files whose gpu-marked tests part 1 runs, and the tiny-model triton-vs-torch tests (not
+# Part 1 runs every gpu-marked test of tests/test_*.py, plus the tiny-model triton-vs-torch tests (not
 # gpu-marked: they also run under the interpreter in CI).
-GPU_TEST_FILES = ("test_device_path.py", "test_sampler.py", "test_rope_attention.py", "test_modality_ffn.py",
-                  "test_adaln_modulate.py", "test_backends.py")  # fmt: skip
 TRITON_VS_TORCH = ("test_ops_triton.py::test_tiny_forward_triton_equals_torch",
                    "test_ops_triton.py::test_tiny_forward_official_bf16")  # fmt: skip
 TRITON_VS_TORCH_TINY = ("test_ops_triton.py::test_tiny_forward_audio_only",)
@@ -301,21 +299,26 @@ def part_env(opts: ProofOptions, deadline: Deadline) -> dict[str, Any]:
 
 
 def gpu_marked_tests(path: Path) -> list[str]:
-    """Names of the test functions of ``path`` decorated with ``pytest.mark.gpu`` (read with ast:
-    no import, and no ``-m``/``-k`` expression that could also match names or directories)."""
+    """Names of the module-level test functions of ``path`` marked ``pytest.mark.gpu`` (decorator or
+    module ``pytestmark``), read with ast: no import, and no ``-m``/``-k`` expression that could also
+    match test or directory names."""
     tree = ast.parse(path.read_text())
+    module_gpu = any(
+        isinstance(node, ast.Assign) and any(ast.unparse(t) == "pytestmark" for t in node.targets)
+        and "pytest.mark.gpu" in ast.unparse(node.value)
+        for node in tree.body
+    )  # fmt: skip
     names = []
     for node in tree.body:
         if isinstance(node, ast.FunctionDef) and node.name.startswith("test"):
-            for dec in node.decorator_list:
-                target = dec.func if isinstance(dec, ast.Call) else dec
-                if ast.unparse(target) == "pytest.mark.gpu":
-                    names.append(node.name)
+            marks = {ast.unparse(dec.func if isinstance(dec, ast.Call) else dec) for dec in node.decorator_list}
+            if module_gpu or "pytest.mark.gpu" in marks:
+                names.append(node.name)
     return names
 
 
 def pytest_node_ids(tiny: bool) -> list[str]:
-    ids = [f"tests/{f}::{name}" for f in GPU_TEST_FILES for name in gpu_marked_tests(TESTS_DIR / f)]
+    ids = [f"tests/{f.name}::{name}" for f in sorted(TESTS_DIR.glob("test_*.py")) for name in gpu_marked_tests(f)]
     return ids + [f"tests/{t}" for t in (TRITON_VS_TORCH_TINY if tiny else TRITON_VS_TORCH)]
 
 

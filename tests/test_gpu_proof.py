@@ -161,3 +161,24 @@ def test_latent_fidelity() -> None:
     assert same["psnr_db"] == math.inf and same["cosine"] == pytest.approx(1.0) and same["rel_err"] == 0
     noisy = gpu_proof.latent_fidelity(ref + torch.tensor([0.3, -0.3, 0.3, -0.3]), ref)
     assert noisy["psnr_db"] == pytest.approx(10 * math.log10(3.0**2 / 0.09))  # range 3, mse 0.09
+
+
+def test_gpu_marks_read_statically(tmp_path: Path) -> None:
+    marked = tmp_path / "test_marked.py"
+    marked.write_text(textwrap.dedent("""
+        import pytest
+
+        @pytest.mark.gpu
+        def test_a(): ...
+
+        @pytest.mark.gpu
+        @pytest.mark.parametrize("x", [1])
+        def test_b(x): ...
+
+        @pytest.mark.slow
+        def test_gpu_named_but_unmarked(): ...
+    """))
+    assert gpu_proof.gpu_marked_tests(marked) == ["test_a", "test_b"]
+    module = tmp_path / "test_module.py"
+    module.write_text("import pytest\npytestmark = [pytest.mark.gpu]\ndef test_c(): ...\ndef helper(): ...\n")
+    assert gpu_proof.gpu_marked_tests(module) == ["test_c"]
