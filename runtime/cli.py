@@ -167,6 +167,17 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
         help="compiled DiT for --backend onnxruntime (.onnx from `javisrt export`) or tensorrt (.plan from `javisrt build`)",
     )
     g.add_argument("--ops", default="torch", help="op set of the torch engine: torch (any device) or triton (CUDA)")
+    g.add_argument(
+        "--loop", choices=["auto", "host", "device"], default="auto",
+        help="sampling loop: device (CUDA: latents stay in the engine's device buffers, one CUDA graph per "
+        "shape bucket replayed each step), host (numpy hand-off each step; the CPU path) or auto (device on "
+        "a CUDA --device, host elsewhere; default)",
+    )  # fmt: skip
+    g.add_argument(
+        "--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
+        help="on CUDA, run the DiT step eagerly (the device loop enqueues it each step) instead of replaying "
+        "a captured CUDA graph",
+    )  # fmt: skip
 
 
 def _add_request(p: argparse.ArgumentParser, *, frames: int, steps: int, seed: int) -> None:
@@ -300,8 +311,9 @@ def _load_pipeline(args: argparse.Namespace, tiny: bool, device: Any = None, par
         if args.checkpoint or args.wan_dir or args.audioldm2_dir:
             raise ConfigError("--tiny uses random weights; do not combine it with --checkpoint/--wan-dir/--audioldm2-dir")
         return build_tiny_pipeline(
-            backend=args.backend, engine_file=args.engine_file, ops=args.ops, device=device, parallel=parallel
-        )
+            backend=args.backend, engine_file=args.engine_file, ops=args.ops, device=device, parallel=parallel,
+            loop=args.loop, cuda_graphs=args.cuda_graphs,
+        )  # fmt: skip
     if args.backend == "torch" and not args.checkpoint:
         raise ConfigError("real weights need --checkpoint (or --engine-file with a compiled backend), or use --tiny")
     if not args.wan_dir:
@@ -316,6 +328,8 @@ def _load_pipeline(args: argparse.Namespace, tiny: bool, device: Any = None, par
         engine_file=args.engine_file,
         ops=args.ops,
         parallel=parallel,
+        loop=args.loop,
+        cuda_graphs=args.cuda_graphs,
     )
 
 

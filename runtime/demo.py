@@ -41,7 +41,8 @@ from javisrt.engine.latents import (
     VIDEO_LATENT_STD,
 )
 from javisrt.runtime.media import check_writable_dir
-from javisrt.runtime.pipeline import GenerationConfig, JavisPipeline, Progress
+from javisrt.runtime.denoise_session import DenoiseLoop
+from javisrt.runtime.pipeline import GenerationConfig, JavisPipeline, Progress, default_cuda_graphs
 from javisrt.runtime.text import UMT5_XXL, PromptCache, TextEncoder
 
 TINY_PRESET = "tiny"
@@ -210,18 +211,24 @@ def build_tiny_pipeline(
     device: torch.device | str = "cpu",
     parallel: Any = None,
     text_cache: PromptCache | None = None,
+    loop: DenoiseLoop | str = DenoiseLoop.AUTO,
+    cuda_graphs: bool | None = None,
 ) -> JavisPipeline:
     """The whole pipeline on the ``tiny`` preset with seeded random components (no files read, except
     ``engine_file``: a compiled tiny DiT for the onnxruntime / tensorrt engines, whose metadata then
     gives the network config; the torch engine runs :func:`tiny_dit`). ``parallel``: the ParallelContext
     of a --parallel launch (torch engine); ``text_cache`` as in :meth:`JavisPipeline.from_pretrained`
-    (e.g. one shared by server workers)."""
+    (e.g. one shared by server workers); ``loop`` / ``cuda_graphs``: as there too."""
+    graphs = default_cuda_graphs(backend, device) if cuda_graphs is None else cuda_graphs
     if backend == "torch":
         engine = create_engine(
-            "torch", model=tiny_dit(seed), engine_file=engine_file, ops=ops, device=device, parallel=parallel
-        )
+            "torch", model=tiny_dit(seed), engine_file=engine_file, ops=ops, device=device, parallel=parallel,
+            cuda_graphs=graphs,
+        )  # fmt: skip
     else:
-        engine = create_engine(backend, engine_file=engine_file, ops=ops, device=device, parallel=parallel)
+        engine = create_engine(
+            backend, engine_file=engine_file, ops=ops, device=device, parallel=parallel, cuda_graphs=graphs
+        )
     cfg = engine.contract.config
     text = TextEncoder(
         tiny_tokenizer(cfg.text_len),
@@ -232,7 +239,7 @@ def build_tiny_pipeline(
     )
     video = VideoDecoder(tiny_video_vae(seed + 2))
     audio = AudioDecoder(tiny_audio_vae(seed + 3), tiny_vocoder(seed + 4)) if cfg.has_audio else None
-    return JavisPipeline(engine, text, video, audio, device=device, name=f"tiny (random, seed {seed})")
+    return JavisPipeline(engine, text, video, audio, device=device, name=f"tiny (random, seed {seed})", loop=loop)
 
 
 def demo_config(**overrides: Any) -> GenerationConfig:

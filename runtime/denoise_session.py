@@ -6,18 +6,29 @@ the engine; the pipeline, FP8 calibration, the benchmark and the tests all use i
     session = DenoiseSession(engine, context, latent_shapes, mask=mask, video_frames=T)
     velocities = session(latents, timesteps)           # torch in, torch out (views of the engine's buffers)
     _sampler.sample(latents, session.host_denoiser(), config)              # host loop (numpy hand-off)
-    session.loop_binding().run(latents, config)       # CUDA loop (javisrt._sampler.sample_cuda)
+    result = session.sample(noise, sampler_config, progress, cancel)   # host or CUDA loop, by choose_loop
+    session.loop_binding().run(latents, config)       # the CUDA loop itself (javisrt._sampler.sample_cuda)
+
 
 On construction it allocates the engine's shape bucket for the CFG batch and writes the static inputs
 once: the text ``context`` ([2B, Lt, D], cond half first) with masked positions zeroed and zero-padded to
 the contract's ``text_len`` (model-spec §3.1), and the TA-RoPE tables of the bucket (one cache for the
 whole process, :func:`rope_tables`). Each step then writes only the latents and the timesteps.
+
+:meth:`DenoiseSession.sample` runs a whole denoising pass on the loop :func:`choose_loop` picks: on a
+CUDA engine the **device loop** (``_sampler.sample_cuda``: latents, CFG batch and velocities stay in
+the engine's static device buffers; the whole CFG step -- the DiT over both halves -- is one CUDA graph
+per shape bucket replayed by the loop, or, where the engine cannot capture
+(``engine.supports_cuda_graphs`` False), an enqueue callback on the loop's stream; no host sync or copy
+inside a step), elsewhere the **host loop** (``_sampler.sample``, numpy hand-off).
 """
 
 from __future__ import annotations
 
+import enum
 import functools
-import importlib
+import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +38,62 @@ import torch
 
 from javisrt.engine.errors import ConfigError, ShapeError, UnavailableError
 from javisrt.export.contract import BATCH, CONTEXT, ROPE_COS, ROPE_SIN, TIMESTEP, Dims, DiTContract
+from javisrt.runtime import sampling
 from javisrt.runtime.engine import Array, Engine, EngineState, buffer_plan
+
+log = logging.getLogger(__name__)
+
+
+class DenoiseLoop(enum.StrEnum):
+    """Which sampling loop runs a request: ``auto`` (device on a CUDA engine, else host), ``host``
+    (``_sampler.sample``: numpy hand-off each step; the CPU path), ``device`` (``_sampler.sample_cuda``)."""
+
+    AUTO = "auto"
+    HOST = "host"
+    DEVICE = "device"
+
+
+def choose_loop(engine: Engine, loop: DenoiseLoop | str = DenoiseLoop.AUTO) -> DenoiseLoop:
+    """The loop (HOST or DEVICE) that runs a request on ``engine``.
+
+    ``auto``: DEVICE on a CUDA engine when the extension was built with nvcc; on a CUDA engine without
+    it, HOST with a warning naming the reason; HOST elsewhere. ``device`` raises where it cannot run
+    (:class:`ConfigError` for a non-CUDA engine, :class:`UnavailableError` without a CUDA-built loop).
+    """
+    try:
+        loop = DenoiseLoop(loop)
+    except ValueError:
+        raise ConfigError(f"unknown sampling loop {loop!r}; choose one of {[m.value for m in DenoiseLoop]}") from None
+    if loop is DenoiseLoop.HOST:
+        return loop
+    on_cuda = engine.device.type == "cuda"
+    if loop is DenoiseLoop.DEVICE and not on_cuda:
+        raise ConfigError(f"the device sampling loop runs on a CUDA engine; the {engine.name} engine is on {engine.device}")
+    if not on_cuda:
+        return DenoiseLoop.HOST
+    reason = sampling.device_loop_error()
+    if reason and loop is DenoiseLoop.DEVICE:
+        raise UnavailableError(f"the device sampling loop cannot run: {reason}")
+    if reason:
+        log.warning("CUDA engine, but the device sampling loop cannot run (%s): using the host loop, one "
+                    "device<->host copy per step", reason)  # fmt: skip
+        return DenoiseLoop.HOST
+    return DenoiseLoop.DEVICE
+
+
+@dataclass(frozen=True)
+class DenoiseResult:
+    """One denoising pass: the final latents ([B, ...] fp32 torch tensors, video first; on the engine's
+    device for the device loop, on the CPU for the host loop), which loop ran and whether a CUDA graph
+    was replayed, per-step wall times (the loop's own), and ``cancelled``."""
+
+    latents: list[torch.Tensor]
+    steps_done: int
+    step_times_s: list[float]
+    cancelled: bool
+    loop: DenoiseLoop
+    graph: bool
+    seconds: float
 
 
 @functools.lru_cache(maxsize=16)
@@ -140,6 +206,57 @@ class DenoiseSession:
             return [_to_numpy(v) for v in self(inputs, timesteps)]
 
         return denoiser
+
+    # ---- a whole denoising pass ----------------------------------------------------------------
+    def sample(
+        self,
+        latents: Sequence[Array],
+        config: sampling.SamplerConfig,
+        progress: sampling.Progress | None = None,
+        cancel: sampling.Cancel | None = None,
+        loop: DenoiseLoop | str = DenoiseLoop.AUTO,
+    ) -> DenoiseResult:
+        """Denoise ``latents`` (one [B, ...] noise tensor per modality, video first; not modified) with
+        ``config`` on the loop :func:`choose_loop` picks. ``progress(done, total, t, seconds)`` after
+        each step and ``cancel()`` before each step, on both loops."""
+        chosen = choose_loop(self.engine, loop)
+        if len(latents) != len(self.io):
+            raise ShapeError(f"got {len(latents)} latents for modalities {self.latent_names}")
+        t0 = time.perf_counter()
+        if chosen is DenoiseLoop.HOST:
+            arrays = [_to_numpy(torch.as_tensor(x).detach().float().contiguous()) for x in latents]
+            res = sampling.sample(arrays, self.host_denoiser(), config, progress, cancel)
+            final = [torch.from_numpy(np.asarray(x)) for x in res.latents]
+            graph = False
+        else:
+            final, res, graph = self._sample_on_device(latents, config, progress, cancel)
+        return DenoiseResult(
+            final, res.steps_done, list(res.step_times_s), res.cancelled, chosen, graph, time.perf_counter() - t0
+        )
+
+    def _sample_on_device(
+        self,
+        latents: Sequence[Array],
+        config: sampling.SamplerConfig,
+        progress: sampling.Progress | None,
+        cancel: sampling.Cancel | None,
+    ) -> tuple[list[torch.Tensor], sampling.SampleResult, bool]:
+        engine = self.engine
+        dev = engine.device
+        plan = buffer_plan(engine.contract, self.bucket.as_dims())
+        half = self.bucket.batch // 2
+        xs = []
+        for (name, _), x in zip(self.io, latents, strict=True):
+            want = (half, *plan[name].shape[1:])
+            if tuple(x.shape) != want:
+                raise ShapeError(f"latent {name}: shape {tuple(x.shape)} != the session's {want} (one CFG half)")
+            # fp32, contiguous, on the engine's device, and a copy: the loop updates it in place.
+            xs.append(torch.as_tensor(x).detach().to(device=dev, dtype=torch.float32).clone(memory_format=torch.contiguous_format))
+        binding = self.loop_binding(use_graph=engine.supports_cuda_graphs)
+        # run() makes the loop's stream wait on torch's current stream (the noise copies and buffer
+        # writes queued there) and synchronizes its own stream before returning.
+        res = binding.run(xs, config, progress, cancel)
+        return xs, res, bool(binding.graph_exec)
 
     # ---- CUDA sampling loop (javisrt._sampler.sample_cuda) -------------------------------------
     def loop_binding(self, use_graph: bool = False) -> LoopBinding:
@@ -264,10 +381,6 @@ class LoopBinding:
         self.check_live()
         self.check_latents(latents)
         kwargs = self.sample_cuda_kwargs()
-        try:
-            ext = importlib.import_module("javisrt._sampler")
-        except ImportError as exc:
-            raise UnavailableError(f"the C++ sampling loop javisrt._sampler is not built: {exc}") from exc
 
         def progress_checked(done: int, total: int, t: float, secs: float) -> None:
             if progress is not None:
@@ -279,8 +392,7 @@ class LoopBinding:
             self.check_live()
             return stop
 
-        return ext.sample_cuda(
-            [int(x.data_ptr()) for x in latents], kwargs.pop("inputs"), kwargs.pop("outputs"), kwargs.pop("numels"),
-            kwargs.pop("timesteps"), kwargs.pop("batch"), config,
+        return sampling.sample_cuda(
+            [int(x.data_ptr()) for x in latents], config,
             progress=progress_checked, cancel=cancel_checked, max_inflight=max_inflight, **kwargs,
         )  # fmt: skip

@@ -2,9 +2,11 @@
 
     text.py             TextEncoder      prompt + negative prompt -> [2, text_len, text_dim] (cached)
     engine/latents.py   latent_geometry  shapes; draw_noise: seeded bf16 noise, video then audio
-    sampling.py         sample           the C++ loop (javisrt._sampler) calling back into ...
-    denoise_session.py  DenoiseSession   ... an Engine (backends/: torch | onnxruntime | tensorrt)
-                                         running the DiT on the [cond; uncond] batch
+    denoise_session.py  DenoiseSession   the sampling loop (javisrt._sampler) over an Engine
+                                         (backends/: torch | onnxruntime | tensorrt) running the DiT
+                                         on the [cond; uncond] batch: on CUDA the device loop
+                                         (sample_cuda replaying one CUDA graph per bucket), on the
+                                         CPU the host loop (sample)
     decode.py           Video/AudioDecoder  Wan VAE; AudioLDM2 VAE + HiFi-GAN
     media.py            write_mp4        H.264 16 fps + AAC 16 kHz, atomic
 
@@ -33,7 +35,7 @@ from javisrt.export.contract import AUDIO, VIDEO
 from javisrt.runtime import sampling
 from javisrt.runtime.backends import create_engine
 from javisrt.runtime.decode import AudioDecoder, VideoDecoder
-from javisrt.runtime.denoise_session import DenoiseSession
+from javisrt.runtime.denoise_session import DenoiseLoop, DenoiseSession
 from javisrt.runtime.engine import Engine
 from javisrt.engine.latents import (
     FPS,
@@ -143,6 +145,12 @@ class GenerationConfig:
         return sampling.SamplerConfig.rflow(h, w, self.num_frames, self.steps, guidance)
 
 
+def default_cuda_graphs(backend: str, device: torch.device | str) -> bool:
+    """Whether an engine is built with CUDA-graph capture by default: on a CUDA device for the engines
+    that can capture (torch, tensorrt); the device loop then replays one graph per shape bucket."""
+    return torch.device(device).type == "cuda" and backend in ("torch", "tensorrt")
+
+
 def default_solver(cfg: JavisConfig) -> sampling.Solver:
     """The sampler each released model ships with: the rflow Euler loop for JavisDiT++ (model-spec
     §6.1), flow UniPC for the Wan2.1 T2V network (§6.2)."""
@@ -159,7 +167,7 @@ class GenerationResult:
     config: GenerationConfig
     fps: int = FPS
     sample_rate: int = SAMPLE_RATE
-    sampler: str = ""  # "cpp" or "python": which sampling loop ran
+    sampler: str = ""  # "cuda" (device loop), "cpp" (host C++ loop) or "python" (reference loop)
     solver: str = ""  # "euler" or "unipc"
     timings: dict[str, float] = field(default_factory=dict)  # text_s, denoise_s, video_/audio_decode_s, decode_s
     step_times_s: tuple[float, ...] = ()  # wall time of each denoising step (the sampler's own timing)
@@ -175,7 +183,9 @@ class JavisPipeline:
 
     ``engine``: the DiT executor (:func:`~javisrt.runtime.backends.create_engine`); the network config
     comes from its contract. A torch engine serves every mode of its network; a compiled engine only
-    the mode its graph was exported for (other modes are refused by :meth:`check`).
+    the mode its graph was exported for (other modes are refused by :meth:`check`). ``loop``: the
+    sampling loop (:class:`~javisrt.runtime.denoise_session.DenoiseLoop`; ``auto``: the device loop on
+    a CUDA engine, the host loop elsewhere).
     """
 
     def __init__(
@@ -187,6 +197,7 @@ class JavisPipeline:
         *,
         device: torch.device | str = "cpu",
         name: str = "",
+        loop: DenoiseLoop | str = DenoiseLoop.AUTO,
     ) -> None:
         self.cfg: JavisConfig = engine.contract.config
         if text_encoder.dim != self.cfg.text_dim:
@@ -201,6 +212,10 @@ class JavisPipeline:
         self.audio_decoder = audio_decoder
         self.device = torch.device(device)
         self.name = name or self.cfg.name
+        try:
+            self.loop = DenoiseLoop(loop)
+        except ValueError:
+            raise ConfigError(f"unknown sampling loop {loop!r}; choose one of {[m.value for m in DenoiseLoop]}") from None
         self._mode_engines: dict[GenerationMode, Engine] = {engine.contract.mode: engine}
 
     # ---- construction ------------------------------------------------------------------------
@@ -221,6 +236,8 @@ class JavisPipeline:
         ops: str = "torch",
         text_cache: PromptCache | None = None,
         parallel: Any = None,
+        loop: DenoiseLoop | str = DenoiseLoop.AUTO,
+        cuda_graphs: bool | None = None,
     ) -> JavisPipeline:
         """Load everything from local directories (no hub):
 
@@ -229,7 +246,9 @@ class JavisPipeline:
         onnxruntime / tensorrt engines instead (its metadata carries the network config);
         ``wan_dir``: Wan2.1 with the video VAE, umT5 encoder and tokenizer; ``audioldm2_dir``:
         ``vae/`` + ``vocoder/`` (not needed for a t2v network). ``parallel``: the ParallelContext of a
-        ``--parallel`` launch (the torch engine's forward then runs over the ranks).
+        ``--parallel`` launch (the torch engine's forward then runs over the ranks). ``loop``: the
+        sampling loop; ``cuda_graphs``: capture the DiT step as a CUDA graph per bucket (default:
+        :func:`default_cuda_graphs`; False makes the device loop enqueue the engine each step).
         """
         for what, path in (("checkpoint", checkpoint), ("engine file", engine_file), ("Wan2.1 directory", wan_dir)):
             if path is not None and not Path(path).exists():
@@ -237,6 +256,7 @@ class JavisPipeline:
         engine = create_engine(
             backend, checkpoint=checkpoint, config=config if backend == "torch" else None, engine_file=engine_file,
             numerics=numerics if backend == "torch" else None, device=device, ops=ops, parallel=parallel,
+            cuda_graphs=default_cuda_graphs(backend, device) if cuda_graphs is None else cuda_graphs,
         )  # fmt: skip
         cfg = engine.contract.config
         text = TextEncoder.from_pretrained(wan_dir, dtype=text_dtype, device=device, text_len=cfg.text_len, cache=text_cache)
@@ -247,7 +267,7 @@ class JavisPipeline:
                 where = checkpoint if checkpoint is not None else engine_file
                 raise CheckpointError(f"{where} has an audio branch: pass the AudioLDM2 directory (vae/, vocoder/)")
             audio = AudioDecoder.from_pretrained(audioldm2_dir, device=device, dtype=decoder_dtype)
-        return cls(engine, text, video, audio, device=device, name=str(checkpoint or engine_file))
+        return cls(engine, text, video, audio, device=device, name=str(checkpoint or engine_file), loop=loop)
 
     def engine_for(self, mode: GenerationMode | str) -> Engine:
         """The engine generating ``mode``: the torch engine serves every mode of its network (one
@@ -310,10 +330,9 @@ class JavisPipeline:
         # 2. noise, video first then audio (§6.1)
         video0, audio0 = draw_noise(geo, config.seed, batch=1, device=self.device)
         noise = {name: x for name, x in ((VIDEO, video0), (AUDIO, audio0)) if x is not None}
-        latents = [x.float().cpu().numpy() for x in noise.values()]
         guidance = tuple(g for g, name in ((config.video_guidance, VIDEO), (config.audio_guidance, AUDIO)) if name in noise)
 
-        # 3. the sampling loop (C++ when built), calling the engine on the CFG batch
+        # 3. the sampling loop over the engine on the CFG batch: device loop on CUDA, host loop on CPU
         sampler_cfg = config.sampler_config(self.cfg, guidance)
         session = DenoiseSession(
             self.engine_for(mode), emb.context, {k: v.shape for k, v in noise.items()},
@@ -326,11 +345,12 @@ class JavisPipeline:
 
         t0 = time.perf_counter()
         report("denoise", 0, config.steps)
-        result = sampling.sample(latents, session.host_denoiser(), sampler_cfg, on_step, cancel)
+        result = session.sample(list(noise.values()), sampler_cfg, on_step, cancel, loop=self.loop)
         timings["denoise_s"] = time.perf_counter() - t0
         if result.cancelled:
             raise GenerationCancelled(f"cancelled after {result.steps_done} of {config.steps} steps")
-        final = dict(zip(names, result.latents))
+        final = dict(zip(names, result.latents, strict=True))
+        loop_name = "cuda" if result.loop is DenoiseLoop.DEVICE else sampling.backend()
 
         # 4. decode
         t0 = time.perf_counter()
@@ -339,18 +359,19 @@ class JavisPipeline:
         frames = waveform = None
         if VIDEO in final:
             assert self.video_decoder is not None
-            frames = self.video_decoder.decode(torch.from_numpy(np.array(final[VIDEO])))[0]
+            frames = self.video_decoder.decode(final[VIDEO])[0]
             report("decode", 1, n_dec)
         timings["video_decode_s"] = time.perf_counter() - t0
         if AUDIO in final:
             assert self.audio_decoder is not None
-            waveform = self.audio_decoder.decode(torch.from_numpy(np.array(final[AUDIO])), geo.num_samples)[0]
+            waveform = self.audio_decoder.decode(final[AUDIO], geo.num_samples)[0]
             report("decode", n_dec, n_dec)
         timings["decode_s"] = time.perf_counter() - t0
         timings["audio_decode_s"] = timings["decode_s"] - timings["video_decode_s"]
         log.info(
-            "generated %s: %d %s steps (%s loop, %s engine) in %.2f s, decode %.2f s",
-            mode.value, result.steps_done, sampler_cfg.solver.value, sampling.backend(), session.engine.name,
+            "generated %s: %d %s steps (%s loop%s, %s engine) in %.2f s, decode %.2f s",
+            mode.value, result.steps_done, sampler_cfg.solver.value, loop_name,
+            ", CUDA graph" if result.graph else "", session.engine.name,
             timings["denoise_s"], timings["decode_s"],
         )  # fmt: skip
         return GenerationResult(
@@ -358,7 +379,7 @@ class JavisPipeline:
             waveform=waveform,
             prompt=prompt,
             config=config,
-            sampler=sampling.backend(),
+            sampler=loop_name,
             solver=sampler_cfg.solver.value,
             timings=timings,
             step_times_s=tuple(result.step_times_s),

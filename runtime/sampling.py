@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from javisrt.engine.errors import ConfigError, ShapeError
+from javisrt.engine.errors import ConfigError, ShapeError, UnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -457,4 +457,25 @@ def sample(
         )
         return sample_ref(latents, denoiser, config, progress, cancel)
     result: SampleResult = _ext.sample(latents, denoiser, config, progress, cancel)
+    return result
+
+
+def device_loop_error() -> str:
+    """Why :func:`sample_cuda` cannot run in this process ("" when it can): the extension is not
+    built, or was built without nvcc (``javisrt._sampler.cuda_compiled()`` False)."""
+    if _ext is None:
+        return f"javisrt._sampler (the C++ sampling loop) is not built ({_EXT_ERROR})"
+    if not _ext.cuda_compiled():
+        return "javisrt._sampler was built without nvcc (cuda_compiled() is False); rebuild it on a machine with the CUDA toolkit"
+    return ""
+
+
+def sample_cuda(latents: Sequence[int], config: SamplerConfig, **kwargs: Any) -> SampleResult:
+    """``javisrt._sampler.sample_cuda`` (the loop on a CUDA stream over device buffers; see
+    ``_sampler.pyi`` for the keyword arguments); raises :class:`UnavailableError` when
+    :func:`device_loop_error` says it cannot run."""
+    reason = device_loop_error()
+    if reason:
+        raise UnavailableError(reason)
+    result: SampleResult = _ext.sample_cuda(list(latents), **kwargs, config=config)
     return result

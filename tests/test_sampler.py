@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 import torch
 from _tolerance import assert_within, noise_floor
-from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
 from javisrt import _sampler
 from javisrt.engine.errors import ConfigError, ShapeError, UnavailableError
@@ -76,8 +75,11 @@ def recording(denoiser: Callable[..., Any], trajectory: list[list[np.ndarray]]) 
     return wrapped
 
 
-def diffusers_scheduler(config: SamplerConfig) -> FlowMatchEulerDiscreteScheduler | UniPCMultistepScheduler:
-    """The diffusers scheduler of a config, its timesteps set (Euler: our unshifted t_i/1000)."""
+def diffusers_scheduler(config: SamplerConfig) -> Any:
+    """The diffusers scheduler of a config, its timesteps set (Euler: our unshifted t_i/1000).
+    diffusers is imported here, not at module level, so the GPU tests collect on machines without it."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
     n = config.steps
     if config.solver is Solver.EULER:
         euler = FlowMatchEulerDiscreteScheduler(shift=config.shift)
@@ -250,6 +252,8 @@ def test_flow_timesteps_python_equals_cpp(shift: float) -> None:
 @pytest.mark.parametrize("shift", [1.0, 3.0, 5.0])
 def test_unipc_schedule_equals_diffusers(steps: int, shift: float) -> None:
     """diffusers' own set_timesteps(N) (sigma_max=1, sigma_min=1/1000) and Wan2.1's sigmas."""
+    from diffusers import UniPCMultistepScheduler
+
     sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift, solver_order=2, solver_type="bh2", predict_x0=True)
     sched.set_timesteps(steps)
     wan = SamplerConfig(Solver.UNIPC, steps, (5.0,), shift)
