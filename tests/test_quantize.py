@@ -78,8 +78,9 @@ def test_fp8_graph_structure(setup) -> None:  # type: ignore[no-untyped-def]
     values = {i.name: numpy_helper.to_array(i) for i in graph.graph.initializer}
     values.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.graph.node if n.op_type == "Constant"})
     qs = [n for n in graph.graph.node if n.op_type == "QuantizeLinear"]
-    video = {float(values[n.input[1]]) for n in qs if n.name.startswith("/ffn/")}
-    audio = {float(values[n.input[1]]) for n in qs if n.name.startswith("/audio_ffn/")}
+    # node names follow the module scopes, e.g. /model/blocks.0/ffn/0/input_quantizer/QuantizeLinear
+    video = {float(values[n.input[1]]) for n in qs if "/ffn/" in n.name}
+    audio = {float(values[n.input[1]]) for n in qs if "/audio_ffn/" in n.name}
     assert len(video) == len(audio) == 2 * layers and not video & audio
 
 
