@@ -26,6 +26,7 @@ Layouts (B batch, L tokens, H heads, D head_dim, d = H*D model width):
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -121,9 +122,12 @@ class OpSet(Protocol):
 # ---------------------------------------------------------------------------------------------------
 
 
-def sinusoid_frequencies(half: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """Wan's timestep frequencies ``w_i = 10000^(-i/half)``, i < half, float64."""
-    return torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=device).div(half))
+@functools.cache
+def sinusoid_frequencies(half: int) -> tuple[float, ...]:
+    """Wan's timestep frequencies ``w_i = 10000^(-i/half)``, i < half, in float64 (Python floats: equal,
+    bit for bit, to Wan's ``torch.pow(10000, -arange(half).div(half))``; no tensor, so an exporter traces
+    a tensor made from them as a constant)."""
+    return tuple(10000.0 ** -(i / half) for i in range(half))
 
 
 def sinusoid_of(t: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
@@ -134,7 +138,8 @@ def sinusoid_of(t: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
 
 def sinusoid_ref(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Wan's timestep sinusoid, computed in float64 and returned fp32: t [B] -> [B, dim]."""
-    return sinusoid_of(t.to(torch.float64), sinusoid_frequencies(dim // 2, t.device)).float()
+    omega = torch.tensor(sinusoid_frequencies(dim // 2), dtype=torch.float64, device=t.device)
+    return sinusoid_of(t.to(torch.float64), omega).float()
 
 
 def patch_embed_ref(conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,6 @@ reference ONNX Runtime runs for those nodes (``plugin_ops.ort_session``).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,12 +56,6 @@ __all__ = ["MHA_SLOTS", "Fp8Ops", "GraphOps", "NativeOps", "PluginAttentionOps",
 MHA_SLOTS = ("q_bmm_quantizer", "k_bmm_quantizer", "v_bmm_quantizer", "softmax_quantizer")
 
 
-@functools.cache
-def _frequencies_fp32(half: int) -> torch.Tensor:
-    """Sinusoid frequencies built in float64 like the reference, stored fp32 (a graph constant)."""
-    return sinusoid_frequencies(half).float()
-
-
 @dataclass(frozen=True)
 class GraphOps(TorchOps):
     """The torch reference, with the timestep sinusoid in fp32 (the base of every graph op set)."""
@@ -71,7 +64,8 @@ class GraphOps(TorchOps):
 
     def sinusoid(self, t: torch.Tensor, dim: int) -> torch.Tensor:
         """fp32 angles ``t*w``: error <= 0.5 ulp(1000) = 3e-5 rad against the float64 reference."""
-        return sinusoid_of(t.float(), _frequencies_fp32(dim // 2).to(t.device))
+        omega = torch.tensor(sinusoid_frequencies(dim // 2), dtype=torch.float32, device=t.device)
+        return sinusoid_of(t.float(), omega)
 
 
 @dataclass(frozen=True)
