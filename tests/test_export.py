@@ -241,6 +241,19 @@ def test_plugin_flavour_with_native_ffn(tiny: torch.nn.Module, contract: DiTCont
     run_and_compare(ort_session(graph), tiny, contract)
 
 
+def test_plugin_ffn_weights_are_initializers_at_any_size() -> None:
+    """The stacked expert weights of javisrt::modality_ffn are folded into initializers even above the
+    exporter's own folding limit (8192 elements; the released FFN is 8960 x 1536), not concatenated per call."""
+    cfg = JavisConfig.from_name("tiny", num_layers=1, ffn_dim=1024, audio_ffn_dim=1024)
+    model = init_weights(build_model(cfg), torch.Generator().manual_seed(0)).eval()
+    graph = export_dit(model, "plugin", "fp32", DiTContract.for_config(cfg))
+    inits = {i.name: i for i in graph.graph.initializer}
+    (ffn,) = [n for n in graph.graph.node if n.op_type == "modality_ffn"]
+    assert all(name in inits for name in ffn.input[2:6])
+    assert list(inits[ffn.input[2]].dims) == [2, 1024, 64]
+    assert not any(n.op_type == "Concat" and all(i in inits for i in n.input) for n in graph.graph.node)
+
+
 def test_op_audit_flags_unknown_ops(native: onnx.ModelProto) -> None:
     broken = copy.deepcopy(native)
     broken.graph.node[0].op_type = "NonMaxSuppression"
