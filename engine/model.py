@@ -32,7 +32,10 @@ on its bf16 model, op by op against CUDA autocast's lists:
     promotion; ``Linear`` fp32.
   * with TF32 on (the reference's inference script sets it), those fp32 matmuls run in TF32.
 
-The per-op implementation ("torch" or "triton") is chosen at one seam, ``engine/ops.py``.
+The per-op implementation ("torch", "triton", or what an exported graph holds: "onnx-native",
+"onnx-plugin", "onnx-fp8") is chosen at one seam, ``engine/ops.py``. The stages (``embed``,
+``transformer``, ``heads``) take an op set and the RoPE tables explicitly and read every token count
+from tensor shapes, so the ONNX export traces this same forward (``export/module.py``).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from torch import nn
 
 from javisrt.engine.config import JavisConfig
 from javisrt.engine.errors import ConfigError, ShapeError
-from javisrt.engine.ops import FFNWeights, Modulation, OpSet, get_ops
+from javisrt.engine.ops import Modulation, OpSet, get_ops
 from javisrt.engine.rope import TokenGrid, rope_cos_sin
 
 # Modules that run in fp32 in both numeric modes (Wan/JavisDiT run them under fp32 autocast).
@@ -76,18 +79,6 @@ def enable_tf32() -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def sinusoidal_embedding(dim: int, position: torch.Tensor) -> torch.Tensor:
-    """Wan's timestep sinusoid: [cos(t*w), sin(t*w)], w_i = 10000^(-i/half), float64 -> fp32.
-
-    position [B] -> [B, dim].
-    """
-    half = dim // 2
-    pos = position.to(torch.float64)
-    omega = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=pos.device).div(half))
-    angles = torch.outer(pos, omega)
-    return torch.cat((angles.cos(), angles.sin()), dim=1).float()
-
-
 class RMSNorm(nn.Module):
     """RMSNorm over the last dim with a learned weight; statistics in fp32, result in the input dtype."""
 
@@ -96,10 +87,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ops: OpSet) -> torch.Tensor:
         """x [..., dim] -> [..., dim]."""
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return ops.rms_norm(x, self.weight, self.eps)
 
 
 class ParameterWrapper(nn.Module):
@@ -113,10 +103,6 @@ class ParameterWrapper(nn.Module):
 def feed_forward(dim: int, hidden: int) -> nn.Sequential:
     """``Linear(d->f)``, GELU-tanh, ``Linear(f->d)`` (keys ``.0`` and ``.2``)."""
     return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
-
-
-def ffn_weights(ffn: nn.Sequential) -> FFNWeights:
-    return FFNWeights(ffn[0].weight, ffn[0].bias, ffn[2].weight, ffn[2].bias)
 
 
 class SelfAttention(nn.Module):
@@ -135,8 +121,8 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ops: OpSet) -> torch.Tensor:
         """x [B, L, d], rope (cos, sin) [L, D/2] -> [B, L, d]."""
         heads = (self.num_heads, -1)
-        q = self.norm_q(self.q(x)).unflatten(-1, heads)
-        k = self.norm_k(self.k(x)).unflatten(-1, heads)
+        q = self.norm_q(self.q(x), ops).unflatten(-1, heads)
+        k = self.norm_k(self.k(x), ops).unflatten(-1, heads)
         v = self.v(x).unflatten(-1, heads)
         return self.o(ops.attention(q, k, v, rope).flatten(2))
 
@@ -147,8 +133,8 @@ class CrossAttention(SelfAttention):
     def forward(self, x: torch.Tensor, context: torch.Tensor, ops: OpSet) -> torch.Tensor:  # type: ignore[override]
         """x [B, L, d], context [B, text_len, d] -> [B, L, d]."""
         heads = (self.num_heads, -1)
-        q = self.norm_q(self.q(x)).unflatten(-1, heads)
-        k = self.norm_k(self.k(context)).unflatten(-1, heads)
+        q = self.norm_q(self.q(x), ops).unflatten(-1, heads)
+        k = self.norm_k(self.k(context), ops).unflatten(-1, heads)
         v = self.v(context).unflatten(-1, heads)
         return self.o(ops.attention(q, k, v, None).flatten(2))
 
@@ -193,12 +179,12 @@ class Block(nn.Module):
         # 2. cross-attention
         x = x + self.cross_attn(self.norm3(x), context, ops)
         # 3. FFN experts, hard-routed by position: [0, Lv) video, [Lv, L) audio
-        audio_w = audio_mod = None
+        audio_ffn = audio_mod = None
         if self.has_audio and ae0 is not None:
-            audio_w = ffn_weights(self.audio_ffn)
+            audio_ffn = self.audio_ffn
             audio_mod = Modulation(*(self.audio_modulation.param + ae0).chunk(3, dim=1))
         return ops.modality_ffn(
-            x, num_video_tokens, ffn_weights(self.ffn), audio_w, Modulation(sh2, sc2, g2), audio_mod, self.eps
+            x, num_video_tokens, self.ffn, audio_ffn, Modulation(sh2, sc2, g2), audio_mod, self.eps
         )
 
 
@@ -216,8 +202,9 @@ class Head(nn.Module):
         shift, scale = (self.modulation + e[:, None, :]).chunk(2, dim=1)
         # fp32 autocast island: CUDA autocast computes layer_norm in fp32 (float64 is never cast), so
         # the bf16 activations are normalised in fp32, unlike the blocks' bf16 LayerNorms.
+        # (The width is the static in_features: a traced x.shape[-1] cannot be a normalized_shape.)
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        y = F.layer_norm(xf, (x.shape[-1],), eps=self.eps) * (1 + scale) + shift
+        y = F.layer_norm(xf, (self.head.in_features,), eps=self.eps) * (1 + scale) + shift
         return self.head(y)
 
 
@@ -270,7 +257,7 @@ class JavisDiT(nn.Module):
         return self._ops
 
     def set_ops(self, name: str) -> JavisDiT:
-        """Choose the op implementation ("torch" or "triton"); weights and outputs stay the same."""
+        """Choose the op set by name (``engine.ops.OP_SETS``); weights and outputs stay the same."""
         self._ops = get_ops(name)
         return self
 
@@ -370,22 +357,25 @@ class JavisDiT(nn.Module):
         context: torch.Tensor,
         context_mask: torch.Tensor | None = None,
         video_latent_frames: int | None = None,
+        ops: OpSet | None = None,
     ) -> Embedded:
         """Patch, time and text embeddings.
 
         video [B,16,T,H8,W8] | None, audio [B,8,Tm4,16] | None, timestep [B] in [0, 1000],
-        context [B, Lt, text_dim] with Lt <= text_len, context_mask [B, Lt] (1 = token) | None.
+        context [B, Lt, text_dim] with Lt <= text_len, context_mask [B, Lt] (1 = token) | None;
+        ``ops`` defaults to the model's op set.
         """
         cfg = self.cfg
+        ops = ops if ops is not None else self._ops
         grid = self.token_grid(video, audio, video_latent_frames)
         act = self.dtype
         tokens = []
         if video is not None:
             # [B,d,Tv,Hp,Wp] -> [B, Tv*Hp*Wp, d] (f, h, w raster)
-            tokens.append(self.patch_embedding(video.to(act)).flatten(2).transpose(1, 2))
+            tokens.append(ops.patch_embed(self.patch_embedding, video).flatten(2).transpose(1, 2))
         if audio is not None:
             # [B,d,Ta,M] -> [B, Ta*M, d] (time-major, band-minor)
-            tokens.append(self.audio_patch_embedding(audio.to(act)).flatten(2).transpose(1, 2))
+            tokens.append(ops.patch_embed(self.audio_patch_embedding, audio).flatten(2).transpose(1, 2))
         x = torch.cat(tokens, dim=1) if len(tokens) > 1 else tokens[0]
         batch = x.shape[0]
         if timestep.shape != (batch,):
@@ -395,7 +385,7 @@ class JavisDiT(nn.Module):
         # (991.64 -> 992); the checkpoint was trained that way.
         t = timestep.to(torch.bfloat16) if self.numerics is Numerics.OFFICIAL else timestep
         island_dtype = next(self.time_embedding.parameters()).dtype  # fp32 in both numeric modes
-        e = self.time_embedding(sinusoidal_embedding(cfg.freq_dim, t).to(island_dtype))
+        e = self.time_embedding(ops.sinusoid(t, cfg.freq_dim).to(island_dtype))
         e0 = self.time_projection(e).unflatten(1, (6, cfg.dim)).to(act)
         ae0 = None
         if audio is not None:
@@ -412,13 +402,14 @@ class JavisDiT(nn.Module):
             if context_mask.shape != context.shape[:2]:
                 raise ShapeError(f"context_mask must be {tuple(context.shape[:2])}, got {tuple(context_mask.shape)}")
             y = y * (context_mask != 0).unsqueeze(-1).to(act)
-        y = F.pad(y, (0, 0, 0, cfg.text_len - y.shape[1]))
+        if y.shape[1] < cfg.text_len:
+            y = F.pad(y, (0, 0, 0, cfg.text_len - y.shape[1]))
         return Embedded(x, e, e0, ae0, self.text_embedding(y), grid)
 
     def transformer(
         self, emb: Embedded, rope: tuple[torch.Tensor, torch.Tensor], ops: OpSet | None = None
     ) -> torch.Tensor:
-        """The 30 blocks: ``emb.x`` [B, L, d] -> [B, L, d].
+        """The 30 blocks: ``emb.x`` [B, L, d], rope (cos, sin) [L, head_dim/2] -> [B, L, d].
 
         ``ops`` replaces the model's op set for this call (default: :attr:`ops`); a wrapper such as
         ``engine/sequence_parallel.py``'s runs the same blocks on one rank's slice of the sequence.

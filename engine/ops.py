@@ -1,7 +1,20 @@
-"""The one seam where an op implementation is chosen: ``"torch"`` (any device) or ``"triton"`` (CUDA).
+"""The one seam where an op implementation is chosen, by name (:func:`get_ops`).
 
-The model calls only the functions of an :class:`OpSet`; nothing else in javisrt branches on the
-implementation. Every op computes in the dtype of its inputs (the model decides the numerics: the
+The model (``engine/model.py``) is the only implementation of the network; it calls the functions of
+an :class:`OpSet` for the ops that have more than one implementation, and nothing else in javisrt
+branches on the implementation. The op sets:
+
+  ``torch``                   eager PyTorch on any device: the numerical reference (this file).
+  ``triton``                  fused Triton kernels (``kernels/ops_triton.py``).
+  ``onnx-native``             what the native ONNX graph holds: opset-23 RMSNormalization, RotaryEmbedding
+                              and Attention (``export/op_sets.py``).
+  ``onnx-plugin``             the ``javisrt::`` plugin nodes for attention and the FFN (``export/op_sets.py``);
+  ``onnx-plugin-native-ffn``  the same with the FFN left native (what TensorRT can build today).
+  ``onnx-fp8``                attention written out as MatMul-Softmax-MatMul with modelopt's MHA quantizer
+                              slots, for the FP8 Q/DQ graph (``export/op_sets.py``).
+
+Op sets outside ``engine/`` are imported by name on first use, so ``engine/`` never imports the layers
+above it. Every op computes in the dtype of its inputs (the model decides the numerics: the
 ``official`` bf16 mode or the clean fp32 mode, see ``engine/model.py``).
 
 Layouts (B batch, L tokens, H heads, D head_dim, d = H*D model width):
@@ -13,16 +26,27 @@ Layouts (B batch, L tokens, H heads, D head_dim, d = H*D model width):
 
 from __future__ import annotations
 
+import functools
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from javisrt.engine.errors import ConfigError
 
-IMPLEMENTATIONS = ("torch", "triton")
+# name -> "module:class" of every op set; the class is constructed with no arguments.
+OP_SETS: dict[str, str] = {
+    "torch": "javisrt.engine.ops:TorchOps",
+    "triton": "javisrt.kernels.ops_triton:TritonOps",
+    "onnx-native": "javisrt.export.op_sets:NativeOps",
+    "onnx-plugin": "javisrt.export.op_sets:PluginOps",
+    "onnx-plugin-native-ffn": "javisrt.export.op_sets:PluginAttentionOps",
+    "onnx-fp8": "javisrt.export.op_sets:Fp8Ops",
+}
 
 
 class FFNWeights(NamedTuple):
@@ -32,6 +56,23 @@ class FFNWeights(NamedTuple):
     b1: torch.Tensor  # [f]
     w2: torch.Tensor  # [d, f]
     b2: torch.Tensor  # [d]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return ffn_ref(x, self)
+
+
+Expert = Callable[[torch.Tensor], torch.Tensor]
+"""An FFN expert, x [..., d] -> [..., d]: the model's ``nn.Sequential`` (Linear, GELU-tanh, Linear), called
+as a module so module replacements (modelopt's quantized Linears) take part, or bare :class:`FFNWeights`."""
+
+
+def ffn_weights(expert: Expert) -> FFNWeights:
+    """The weights of an expert, for kernels that take them as tensors."""
+    if isinstance(expert, FFNWeights):
+        return expert
+    up, down = expert[0], expert[2]  # type: ignore[index]
+    assert isinstance(up, nn.Linear) and isinstance(down, nn.Linear), "an expert is Linear, GELU, Linear"
+    return FFNWeights(up.weight, up.bias, down.weight, down.bias)
 
 
 class Modulation(NamedTuple):
@@ -46,9 +87,15 @@ class OpSet(Protocol):
     @property
     def name(self) -> str: ...
 
+    def sinusoid(self, t: torch.Tensor, dim: int) -> torch.Tensor: ...
+
+    def patch_embed(self, conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> torch.Tensor: ...
+
     def modulate(
         self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
     ) -> torch.Tensor: ...
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor: ...
 
     def attention(
         self,
@@ -62,8 +109,8 @@ class OpSet(Protocol):
         self,
         x: torch.Tensor,
         num_video_tokens: int,
-        video: FFNWeights | None,
-        audio: FFNWeights | None,
+        video: Expert | None,
+        audio: Expert | None,
         video_mod: Modulation | None,
         audio_mod: Modulation | None,
         eps: float,
@@ -71,17 +118,59 @@ class OpSet(Protocol):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Reference implementations (PyTorch). The Triton kernels are tested against these.
+# Reference implementations (PyTorch). The Triton kernels and the ONNX op sets are tested against these.
 # ---------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def sinusoid_frequencies(half: int) -> tuple[float, ...]:
+    """Wan's timestep frequencies ``w_i = 10000^(-i/half)``, i < half, in float64 (Python floats: equal,
+    bit for bit, to Wan's ``torch.pow(10000, -arange(half).div(half))``; no tensor, so an exporter traces
+    a tensor made from them as a constant)."""
+    return tuple(10000.0 ** -(i / half) for i in range(half))
+
+
+def sinusoid_of(t: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
+    """``[cos(t*w), sin(t*w)]`` in the common dtype of t and omega: t [B], omega [half] -> [B, 2*half]."""
+    angles = t[:, None] * omega[None, :]
+    return torch.cat((angles.cos(), angles.sin()), dim=1)
+
+
+def sinusoid_ref(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Wan's timestep sinusoid, computed in float64 and returned fp32: t [B] -> [B, dim]."""
+    omega = torch.tensor(sinusoid_frequencies(dim // 2), dtype=torch.float64, device=t.device)
+    return sinusoid_of(t.to(torch.float64), omega).float()
+
+
+def patch_embed_ref(conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """The patch embedding in the conv's dtype: x [B, C, ...] -> [B, d, ...]."""
+    return conv(x.to(conv.weight.dtype))  # type: ignore[no-any-return]
 
 
 def modulate_ref(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     """``LayerNorm(x) * (1 + scale) + shift``; LayerNorm without affine, in the input dtype.
 
     x [B, L, d], shift/scale [B, 1, d] -> [B, L, d]. JavisDiT runs this LayerNorm in the activation
-    dtype (bf16 at inference) where upstream Wan upcasts to fp32 (model-spec.md §3.4).
+    dtype (bf16 at inference) where upstream Wan upcasts to fp32 (model-spec.md §3.4). ``int()``: the
+    width is static, and TorchScript tracing (the FP8 export) records every size as a graph value,
+    which a LayerNorm's ``normalized_shape`` cannot be.
     """
-    return F.layer_norm(x, (x.shape[-1],), eps=eps) * (1 + scale) + shift
+    return F.layer_norm(x, (int(x.shape[-1]),), eps=eps) * (1 + scale) + shift
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim, statistics in fp32, then the input dtype times ``weight``: x [..., d]."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)).type_as(x) * weight
+
+
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (2j, 2j+1) of the last dim by angles whose cos/sin broadcast against
+    ``x[..., D/2]``; in the tables' precision, at least fp32 (float64 tables: the reference's complex128
+    ``mmrope_apply``; the exported graphs take fp32 tables), returned in x's dtype."""
+    xf = x.to(torch.promote_types(cos.dtype, torch.float32)).unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).to(x.dtype)
 
 
 def apply_rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -91,12 +180,7 @@ def apply_rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
     the complex view of x by exp(i*angle), computed in the tables' precision (at least fp32): float64
     tables give JavisDiT's ``mmrope_apply``, which does it in complex128 then casts back.
     """
-    xf = x.to(torch.promote_types(cos.dtype, torch.float32)).unflatten(-1, (-1, 2))
-    x0, x1 = xf[..., 0], xf[..., 1]
-    c = cos[None, :, None, :]
-    s = sin[None, :, None, :]
-    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
-    return out.to(x.dtype)
+    return rotate_pairs(x, cos[None, :, None, :], sin[None, :, None, :])
 
 
 def attention_ref(
@@ -126,51 +210,77 @@ def ffn_ref(x: torch.Tensor, w: FFNWeights) -> torch.Tensor:
 def modality_ffn_ref(
     x: torch.Tensor,
     num_video_tokens: int,
-    video: FFNWeights | None,
-    audio: FFNWeights | None,
+    video: Expert | None,
+    audio: Expert | None,
     video_mod: Modulation | None,
     audio_mod: Modulation | None,
     eps: float,
 ) -> torch.Tensor:
     """MS-MoE FFN: hard routing by position, tokens [0, Lv) -> video expert, [Lv, L) -> audio expert.
 
-    Each modality: ``x + FFN(LN(x) * (1 + scale) + shift) * gate`` with its own chunks.
-    x [B, L, d] -> [B, L, d]. An expert may be None only if its modality has no tokens.
+    Each modality: ``x + FFN(LN(x) * (1 + scale) + shift) * gate`` with its own chunks; in a graph, a
+    Slice per modality, the two experts, a Concat. x [B, L, d] -> [B, L, d]. An expert may be None only
+    if its modality has no tokens.
     """
     parts = []
-    for seg, w, mod in (
+    for seg, expert, mod in (
         (x[:, :num_video_tokens], video, video_mod),
         (x[:, num_video_tokens:], audio, audio_mod),
     ):
         if seg.shape[1] == 0:
             continue
-        if w is None or mod is None:
+        if expert is None or mod is None:
             raise ConfigError("tokens present for a modality whose FFN expert is not built")
-        parts.append(seg + ffn_ref(modulate_ref(seg, mod.shift, mod.scale, eps), w) * mod.gate)
+        parts.append(seg + expert(modulate_ref(seg, mod.shift, mod.scale, eps)) * mod.gate)
     return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
 @dataclass(frozen=True)
 class TorchOps:
-    """Eager PyTorch on any device; the numerical reference for every other implementation."""
+    """Eager PyTorch on any device; the numerical reference for every other implementation.
+
+    Other op sets derive from it and replace the ops they implement differently.
+    """
 
     name: str = "torch"
 
-    def modulate(self, x, shift, scale, eps):  # type: ignore[no-untyped-def]
+    def sinusoid(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        return sinusoid_ref(t, dim)
+
+    def patch_embed(self, conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+        return patch_embed_ref(conv, x)
+
+    def modulate(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
         return modulate_ref(x, shift, scale, eps)
 
-    def attention(self, q, k, v, rope):  # type: ignore[no-untyped-def]
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return rms_norm_ref(x, weight, eps)
+
+    def attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
         return attention_ref(q, k, v, rope)
 
-    def modality_ffn(self, x, num_video_tokens, video, audio, video_mod, audio_mod, eps):  # type: ignore[no-untyped-def]
+    def modality_ffn(
+        self,
+        x: torch.Tensor,
+        num_video_tokens: int,
+        video: Expert | None,
+        audio: Expert | None,
+        video_mod: Modulation | None,
+        audio_mod: Modulation | None,
+        eps: float,
+    ) -> torch.Tensor:
         return modality_ffn_ref(x, num_video_tokens, video, audio, video_mod, audio_mod, eps)
 
 
 def get_ops(name: str) -> OpSet:
-    """The op set called ``name``: "torch" here, "triton" from ``javisrt.kernels.ops_triton``."""
-    if name == "torch":
-        return TorchOps()
-    if name == "triton":
-        module = importlib.import_module("javisrt.kernels.ops_triton")
-        return module.TritonOps()  # type: ignore[no-any-return]
-    raise ConfigError(f"unknown op implementation {name!r}; choose one of {IMPLEMENTATIONS}")
+    """The op set called ``name`` (one of :data:`OP_SETS`), its module imported on first use."""
+    if name not in OP_SETS:
+        raise ConfigError(f"unknown op set {name!r}; choose one of {tuple(OP_SETS)}")
+    module, cls = OP_SETS[name].split(":")
+    return getattr(importlib.import_module(module), cls)()  # type: ignore[no-any-return]

@@ -41,10 +41,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
 from javisrt.engine.errors import ConfigError, ShapeError
 from javisrt.engine.model import JavisDiT
-from javisrt.engine.ops import FFNWeights, Modulation, OpSet, apply_rope_ref
+from javisrt.engine.ops import Expert, Modulation, OpSet, apply_rope_ref
 
 __all__ = [
     "SequenceParallelOps",
@@ -163,8 +164,18 @@ class SequenceParallelOps:
     def name(self) -> str:
         return f"{self.inner.name}+sp{self.shard.degree}"
 
+    def sinusoid(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        return self.inner.sinusoid(t, dim)
+
+    def patch_embed(self, conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+        return self.inner.patch_embed(conv, x)
+
     def modulate(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
         return self.inner.modulate(x, shift, scale, eps)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """Per token (the q/k norm spans all heads of one token): local to the slice."""
+        return self.inner.rms_norm(x, weight, eps)
 
     def attention(
         self,
@@ -194,8 +205,8 @@ class SequenceParallelOps:
         self,
         x: torch.Tensor,
         num_video_tokens: int,
-        video: FFNWeights | None,
-        audio: FFNWeights | None,
+        video: Expert | None,
+        audio: Expert | None,
         video_mod: Modulation | None,
         audio_mod: Modulation | None,
         eps: float,

@@ -266,7 +266,7 @@ class SelfAttention(nn.Module):
         """x [B', N, C] (B' = B*T spatial, B*S temporal), rope (cos, sin) [N, D/2] | None -> [B', N, C]."""
         b, n, c = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, -1).unbind(2)
-        q, k = self.q_norm(q), self.k_norm(k)  # RoPE after the norm (qk_norm_legacy=False)
+        q, k = self.q_norm(q, ops), self.k_norm(k, ops)  # RoPE after the norm (qk_norm_legacy=False)
         return self.proj(ops.attention(q, k, v, rope).reshape(b, n, c))
 
 

@@ -156,7 +156,28 @@ def _dynamo_export(wrapper: ExportableDiT, contract: DiTContract) -> onnx.ModelP
             verbose=False,
         )
     assert program is not None
+    _fold_weight_stacks(program.model)
     return program.model_proto
+
+
+def _fold_weight_stacks(model: Any) -> None:
+    """Fold Unsqueeze/Concat nodes whose inputs are all constants, whatever their size (in place).
+
+    The plugin op set stacks the two FFN experts' weights for ``javisrt::modality_ffn`` inside the traced
+    forward; the exporter folds that into one initializer only below its size limit (8192 elements), so at
+    the released width the graph would concatenate the weights on every call. ``model``: an onnx_ir Model.
+    """
+    import onnxscript.optimizer
+
+    def constant_stack(node: Any) -> bool | None:
+        if node.op_type in ("Unsqueeze", "Concat") and all(
+            v is not None and v.const_value is not None for v in node.inputs
+        ):
+            return True
+        return None
+
+    onnxscript.optimizer.fold_constants(model, should_fold=constant_stack)
+    onnxscript.optimizer.remove_unused_nodes(model)
 
 
 def export_dit(

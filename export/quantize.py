@@ -3,9 +3,11 @@
 What is quantized (per-tensor E4M3, "max" calibration):
   * every block's self- and cross-attention q/k/v/o Linears (input and weight quantizers);
   * both FFN experts' Linears (``ffn.0/2`` and ``audio_ffn.0/2``): separate modules, so separate scales;
-  * the attention (MHA) quantizers of :class:`~javisrt.export.module.AttentionCore`: q after RoPE and the
-    1/sqrt(D) scale, K^T, V, and the softmax output with amax fixed to 1 (scale 1/448,
-    tensorrt-notes §3); so TensorRT sees a DQ directly before both attention MatMuls.
+  * the attention (MHA) quantizers of every self- and cross-attention, the slots of the ``onnx-fp8`` op
+    set (:class:`~javisrt.export.op_sets.Fp8Ops`): q after RoPE and the 1/sqrt(D) scale, K^T, V, and the
+    softmax output with amax fixed to 1 (scale 1/448, tensorrt-notes §3); so TensorRT sees a DQ directly
+    before both attention MatMuls. modelopt creates them on the model's attention modules (registered
+    below), which hand them to the op set.
 Everything else (patch/time/text embeddings, modulation tables, heads) is left unquantized.
 
 Calibration runs the *unquantized* model along real sampling trajectories: for each calibration
@@ -42,10 +44,11 @@ import onnx
 import torch
 from tqdm import tqdm
 
-from javisrt.engine.errors import UnavailableError
-from javisrt.engine.model import JavisDiT
+from javisrt.engine.errors import ConfigError, UnavailableError
+from javisrt.engine.model import CrossAttention, JavisDiT, SelfAttention
 from javisrt.export.contract import DiTContract, Dims
-from javisrt.export.module import AttentionCore, ExportableDiT, Flavor
+from javisrt.export.module import ExportableDiT, Flavor
+from javisrt.export.op_sets import MHA_SLOTS, Fp8Ops
 from javisrt.export.onnx import Precision, example_args, finalize, legacy_dynamic_axes
 from javisrt.runtime import sampling
 
@@ -53,7 +56,6 @@ log = logging.getLogger(__name__)
 
 FP8_OPSET = 20  # the TorchScript exporter's highest supported opset; FLOAT8 Q/DQ needs >= 19
 FP8_E4M3 = {"num_bits": (4, 3), "axis": None}
-MHA_SLOTS = ("q_bmm_quantizer", "k_bmm_quantizer", "v_bmm_quantizer", "softmax_quantizer")
 SOFTMAX_AMAX = 1.0  # softmax output <= 1: fixed scale 1/448, no calibration (TensorRT MHA fusion rule)
 
 # modelopt quant_cfg (fnmatch patterns on the wrapper's module names; later entries win).
@@ -70,12 +72,14 @@ QUANT_CFG: list[dict[str, Any]] = [
         for linear in QUANTIZED_LINEARS
         for q in ("input", "weight")
     ),
-    *({"quantizer_name": f"*_cores.*.{slot}", "cfg": FP8_E4M3} for slot in MHA_SLOTS),
+    *({"quantizer_name": f"*blocks.*.{attn}.{slot}", "cfg": FP8_E4M3}
+      for attn in ("self_attn", "cross_attn") for slot in MHA_SLOTS),
 ]
 
 
 def _mtq():  # type: ignore[no-untyped-def]
-    """modelopt's quantization module, with :class:`AttentionCore` registered as a quantizable module."""
+    """modelopt's quantization module, with the model's attention modules registered as quantizable:
+    their quantized versions carry the :data:`MHA_SLOTS` and run the ``onnx-fp8`` op set bound to them."""
     try:
         with warnings.catch_warnings():
             # modelopt 0.47 uses torch.jit.script(_method) at import time, deprecated in torch 2.13;
@@ -85,17 +89,26 @@ def _mtq():  # type: ignore[no-untyped-def]
             from modelopt.torch.quantization.nn import QuantModuleRegistry, TensorQuantizer
     except ImportError as exc:  # modelopt or one of its undeclared deps (requests, huggingface_hub, lief)
         raise UnavailableError(f"nvidia-modelopt is not usable here: {exc}") from exc
-    if AttentionCore not in QuantModuleRegistry:
 
-        class QuantAttentionCore(AttentionCore):
-            """``AttentionCore`` whose MHA slots are modelopt ``TensorQuantizer`` modules (created by modelopt's
-            module conversion, so ``mtq.quantize`` configures and calibrates them like its own)."""
+    class MHASlots(torch.nn.Module):
+        """Mixin of the quantized attention modules: the MHA slots as modelopt ``TensorQuantizer``s (created
+        by modelopt's module conversion, so ``mtq.quantize`` configures and calibrates them like its own),
+        handed to the op set on every call (the op set is the last argument of the attention forward)."""
 
-            def _setup(self) -> None:
-                for slot in MHA_SLOTS:
-                    setattr(self, slot, TensorQuantizer())
+        def _setup(self) -> None:
+            for slot in MHA_SLOTS:
+                setattr(self, slot, TensorQuantizer())
 
-        mtq.register(original_cls=AttentionCore, quantized_cls=QuantAttentionCore)
+        def forward(self, *args: Any) -> torch.Tensor:
+            *inputs, ops = args
+            if not isinstance(ops, Fp8Ops):
+                raise ConfigError(f"an FP8-quantized attention runs with the onnx-fp8 op set, not {ops.name!r}")
+            return super().forward(*inputs, ops.bind(self))  # type: ignore[no-any-return]
+
+    for cls in (SelfAttention, CrossAttention):
+        if cls not in QuantModuleRegistry:
+            quantized = type(f"Quant{cls.__name__}", (MHASlots, cls), {})
+            mtq.register(original_cls=cls, quantized_cls=quantized)
     return mtq, TensorQuantizer
 
 
@@ -216,8 +229,9 @@ def quantize_fp8(
     config = {"quant_cfg": QUANT_CFG, "algorithm": "max"}
     with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):  # modelopt prints a summary table
         mtq.quantize(wrapper, config, forward_loop)
-    for core in (*wrapper.self_cores, *wrapper.cross_cores):
-        core.softmax_quantizer.amax = torch.tensor(SOFTMAX_AMAX)
+    for module in wrapper.model.modules():
+        if isinstance(module, SelfAttention):  # and CrossAttention, its subclass
+            getattr(module, "softmax_quantizer").amax = torch.tensor(SOFTMAX_AMAX)
     n = sum(1 for _, m in wrapper.named_modules() if isinstance(m, tensor_quantizer) and m.is_enabled)
     log.info("FP8: %d quantizers enabled, calibrated on %d trajectories x %d steps", n, len(runs), calib.steps)
     return wrapper

@@ -155,7 +155,7 @@ def kernel_specs(dtypes: tuple[str, ...] = ("bf16", "fp8"), head_dims: tuple[int
             for has_rope in (True, False):
                 if fp8 and (not has_rope or hd < 64):
                     continue  # FP8: self-attention only (cross-attention stays bf16); e4m3 dots need K >= 32
-                cfg = rope_attention.launch_config(hd, 1, 1, fp8, interpreted=False)
+                cfg = rope_attention.launch_config(hd, 1, 1, interpreted=False)
                 ptrs = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "out_ptr": p}
                 const: dict[str, Any] = {**_inner_strides(k)}
                 if has_rope:

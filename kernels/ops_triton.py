@@ -1,9 +1,11 @@
 """``TritonOps``: the "triton" implementation of the op seam (``engine/ops.py:OpSet``).
 
 Same signatures, layouts and dtypes as the PyTorch references there; chosen with ``get_ops("triton")``
-or ``JavisDiT.set_ops("triton")``. On a CUDA device the kernels are JIT-compiled by Triton; with
-``TRITON_INTERPRET=1`` (set before this module is imported) they run on CPU tensors, which is how the
-CPU tests exercise them.
+or ``JavisDiT.set_ops("triton")``. The fused kernels replace ``modulate``, ``attention`` and
+``modality_ffn``; the ops without a kernel (timestep sinusoid, patch embedding, RMSNorm) are the
+references, inherited from :class:`~javisrt.engine.ops.TorchOps`. On a CUDA device the kernels are
+JIT-compiled by Triton; with ``TRITON_INTERPRET=1`` (set before this module is imported) they run on CPU
+tensors, which is how the CPU tests exercise them.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from javisrt.engine.ops import FFNWeights, Modulation
+from javisrt.engine.ops import Expert, Modulation, TorchOps, ffn_weights
 from javisrt.kernels.adaln_modulate import adaln_modulate
 from javisrt.kernels.modality_ffn import modality_ffn
 from javisrt.kernels.rope_attention import rope_attention
@@ -21,7 +23,7 @@ __all__ = ["TritonOps"]
 
 
 @dataclass(frozen=True)
-class TritonOps:
+class TritonOps(TorchOps):
     """Fused Triton kernels: adaLN modulation, RoPE flash attention, the two-expert FFN."""
 
     name: str = "triton"
@@ -46,10 +48,12 @@ class TritonOps:
         self,
         x: torch.Tensor,
         num_video_tokens: int,
-        video: FFNWeights | None,
-        audio: FFNWeights | None,
+        video: Expert | None,
+        audio: Expert | None,
         video_mod: Modulation | None,
         audio_mod: Modulation | None,
         eps: float,
     ) -> torch.Tensor:
-        return modality_ffn(x, num_video_tokens, video, audio, video_mod, audio_mod, eps)
+        video_w = None if video is None else ffn_weights(video)
+        audio_w = None if audio is None else ffn_weights(audio)
+        return modality_ffn(x, num_video_tokens, video_w, audio_w, video_mod, audio_mod, eps)

@@ -21,7 +21,7 @@ depth D/2 (the channel order inside a dot does not matter, as long as Q and K us
         out[b, m, h, :] = acc / l_i
 
 FP8 (``FP8=True``, the FP8 engine path): the rotated Q and K tiles and the V tile are quantized to e4m3
-with per-tensor scales (``QUANT: x_fp8 = sat(x / scale)``), P is quantized as ``P * 256`` (P <= 1; the
+with per-tensor scales (``QUANT: x_fp8 = sat(x / scale)``), P is quantized as ``P * P_SCALE`` (256; P <= 1; the
 power-of-two factor keeps P's small values out of e4m3's subnormal range and is exact), both dots run on
 e4m3 tensor cores with fp32 accumulation, and the scales are folded into ``qk_scale`` and the final
 normalisation.
@@ -54,7 +54,9 @@ __all__ = [
 
 rope_attention_ref = attention_ref  # the PyTorch reference lives at the op seam; re-exported here
 
-P_SCALE = 256.0  # FP8 P tile = P * 256 (exact power of two, keeps P >= 2^-14 out of subnormals)
+# FP8 P tile = P * P_SCALE (an exact power of two; keeps P >= 2^-14 out of e4m3's subnormals). A
+# constexpr, so the kernel and its emulation (``rope_attention_fp8_ref``) read the one value.
+P_SCALE = tl.constexpr(256.0)
 LOG2E = 1.4426950408889634
 
 
@@ -113,7 +115,7 @@ def _attn_inner(
         else:
             v = tl.load(v_ptrs)
         if FP8:
-            acc = tl.dot(quant_e4m3(p, 256.0, SOFT_ROUND), quant_e4m3(v.to(tl.float32), inv_v_scale, SOFT_ROUND), acc)
+            acc = tl.dot(quant_e4m3(p, P_SCALE, SOFT_ROUND), quant_e4m3(v.to(tl.float32), inv_v_scale, SOFT_ROUND), acc)
         else:
             acc = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), acc, input_precision=PRECISION)
         m_i = m_new
@@ -206,7 +208,7 @@ def _rope_attention_kernel(
         )  # fmt: skip
 
     if FP8:
-        acc = acc * (v_scale / 256.0)  # undo the P * 256 and V / v_scale of the e4m3 PV dot
+        acc = acc * (v_scale / P_SCALE)  # undo the P * P_SCALE and V / v_scale of the e4m3 PV dot
     out = acc / l_i[:, None]
     o_ptrs = out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None])
@@ -219,14 +221,14 @@ class AttentionConfig(NamedTuple):
     num_stages: int
 
 
-def launch_config(head_dim: int, seq_q: int, seq_k: int, fp8: bool, interpreted: bool) -> AttentionConfig:
+def launch_config(head_dim: int, seq_q: int, seq_k: int, interpreted: bool) -> AttentionConfig:
     """Tile sizes.
 
     GPU (sm_90): 128x64 tiles, 8 warps, 2 stages for head_dim 128 -- Triton tutorial 06's Hopper shape
     with BLOCK_N halved because the K tile is rotated in registers (two [64, BLOCK_N] fp32 halves plus
     their cos/sin live next to the 128x128 fp32 accumulator). Compiled for sm_90a (Triton 3.7.1,
     `python -m javisrt.bench.kernel_report`): bf16 214 registers, 112 KiB smem, 0 spills, 24 wgmma;
-    e4m3 227 registers, 72 KiB, 0 spills. Not yet timed or swept on a GPU.
+    e4m3 227 registers, 72 KiB, 0 spills (the same tiles serve both). Not yet timed or swept on a GPU.
     Interpreter: one tile per 128 tokens, because its cost is per program and per op (feasibility.md §2).
     """
     if interpreted:
@@ -278,7 +280,7 @@ def _launch(q, k, v, rope, scales):  # type: ignore[no-untyped-def]
         raise ShapeError("attention: no keys (Lk == 0)")
     fp8 = scales is not None
     interpreted = is_interpreted(_rope_attention_kernel)
-    cfg = launch_config(d, lq, lk, fp8, interpreted)
+    cfg = launch_config(d, lq, lk, interpreted)
     dot_dtype = _TORCH_TO_TL[q.dtype]
     if interpreted and q.dtype == torch.bfloat16:
         dot_dtype = tl.float32  # the interpreter's bf16 dot is wrong (raw bits); fp32 is exact for bf16 values
@@ -351,6 +353,6 @@ def rope_attention_fp8_ref(
     p = torch.exp(s - s.amax(-1, keepdim=True))
     denom = p.sum(-1, keepdim=True)
     if quantize_p:
-        p = quantize_e4m3_ref(p, 1.0 / P_SCALE)
+        p = quantize_e4m3_ref(p, 1.0 / P_SCALE.value)
     out = torch.einsum("bhqk,bkhd->bqhd", p / denom, vf)
     return out

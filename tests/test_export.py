@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import inspect
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -13,6 +16,7 @@ import torch
 from javisrt.engine.config import JavisConfig
 from javisrt.engine.errors import ShapeError
 from javisrt.engine.model import FP32_MODULES, build_model, init_weights
+from javisrt.engine.ops import OP_SETS, OpSet, get_ops
 from javisrt.engine.rope import rope_cos_sin
 from javisrt.export.contract import DEFAULT_PROFILES, DiTContract
 from javisrt.export.fp8_rules import audit_ops
@@ -125,6 +129,28 @@ def test_wrapper_matches_model_eagerly(tiny: torch.nn.Module, contract: DiTContr
             assert rel_err(g, r) < 1e-5, flavor
 
 
+OPSET_METHODS = ("sinusoid", "patch_embed", "modulate", "rms_norm", "attention", "modality_ffn")
+
+
+@pytest.mark.parametrize("name", [n for n in OP_SETS if n != "triton"])  # triton: tests/test_ops_triton.py
+def test_op_sets_follow_the_protocol(name: str) -> None:
+    ops = get_ops(name)
+    assert ops.name == name
+    for method in OPSET_METHODS:
+        want = list(inspect.signature(getattr(OpSet, method)).parameters)[1:]
+        assert list(inspect.signature(getattr(ops, method)).parameters) == want, (name, method)
+
+
+def test_engine_does_not_import_export() -> None:
+    """Imports run one way (engine <- export): the graph op sets are imported by name on first use."""
+    code = (
+        "import sys, javisrt.engine.model as m, javisrt.engine.ops as o; o.get_ops('torch'); "
+        "print(sorted(k for k in sys.modules if k.startswith(('javisrt.export', 'javisrt.runtime'))))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "[]", run.stdout
+
+
 # ---- native flavour -------------------------------------------------------------------------------
 
 
@@ -139,6 +165,13 @@ def test_native_graph_structure(native: onnx.ModelProto, contract: DiTContract) 
         assert tuple(dims) == contract.spec(value.name).shape, value.name
     assert contract_of(native) == contract
     assert audit_ops(native) == []
+    # no float64 anywhere (TensorRT has none): the timestep sinusoid runs in fp32 in every graph op set
+    double = onnx.TensorProto.DOUBLE
+    assert all(i.data_type != double for i in native.graph.initializer)
+    for n in native.graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        assert attrs.get("to") != double, n.name
+        assert n.op_type != "Constant" or attrs["value"].data_type != double, n.name
     attn = [n for n in native.graph.node if n.op_type == "Attention"]
     assert len(attn) == 2 * contract.config.num_layers
     for n in attn:
@@ -206,6 +239,19 @@ def test_plugin_flavour_with_native_ffn(tiny: torch.nn.Module, contract: DiTCont
     assert custom == sorted(["rope_attention", "attention"] * contract.config.num_layers)
     assert audit_ops(graph) == []
     run_and_compare(ort_session(graph), tiny, contract)
+
+
+def test_plugin_ffn_weights_are_initializers_at_any_size() -> None:
+    """The stacked expert weights of javisrt::modality_ffn are folded into initializers even above the
+    exporter's own folding limit (8192 elements; the released FFN is 8960 x 1536), not concatenated per call."""
+    cfg = JavisConfig.from_name("tiny", num_layers=1, ffn_dim=1024, audio_ffn_dim=1024)
+    model = init_weights(build_model(cfg), torch.Generator().manual_seed(0)).eval()
+    graph = export_dit(model, "plugin", "fp32", DiTContract.for_config(cfg))
+    inits = {i.name: i for i in graph.graph.initializer}
+    (ffn,) = [n for n in graph.graph.node if n.op_type == "modality_ffn"]
+    assert all(name in inits for name in ffn.input[2:6])
+    assert list(inits[ffn.input[2]].dims) == [2, 1024, 64]
+    assert not any(n.op_type == "Concat" and all(i in inits for i in n.input) for n in graph.graph.node)
 
 
 def test_op_audit_flags_unknown_ops(native: onnx.ModelProto) -> None:

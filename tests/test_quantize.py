@@ -11,6 +11,7 @@ import torch
 from onnx import numpy_helper
 
 from javisrt.engine.config import JavisConfig
+from javisrt.engine.errors import ConfigError
 from javisrt.engine.model import build_model, init_weights
 from javisrt.export.contract import DiTContract
 from javisrt.runtime.sampling import SamplerConfig, Solver
@@ -78,8 +79,9 @@ def test_fp8_graph_structure(setup) -> None:  # type: ignore[no-untyped-def]
     values = {i.name: numpy_helper.to_array(i) for i in graph.graph.initializer}
     values.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.graph.node if n.op_type == "Constant"})
     qs = [n for n in graph.graph.node if n.op_type == "QuantizeLinear"]
-    video = {float(values[n.input[1]]) for n in qs if n.name.startswith("/ffn/")}
-    audio = {float(values[n.input[1]]) for n in qs if n.name.startswith("/audio_ffn/")}
+    # node names follow the module scopes, e.g. /model/blocks.0/ffn/0/input_quantizer/QuantizeLinear
+    video = {float(values[n.input[1]]) for n in qs if "/ffn/" in n.name}
+    audio = {float(values[n.input[1]]) for n in qs if "/audio_ffn/" in n.name}
     assert len(video) == len(audio) == 2 * layers and not video & audio
 
 
@@ -102,6 +104,15 @@ def test_fp8_ort_matches_fake_quant(setup) -> None:  # type: ignore[no-untyped-d
             print(f"{dims} {name}: ORT vs fake-quant {e_fake:.2e}, vs fp32 {e_full:.2e}")
             assert e_fake < 1e-5  # same roundings; only fp32 summation order differs
             assert e_full < 0.1  # quantization error itself, sanity bound
+
+
+def test_quantized_attention_needs_the_fp8_op_set(setup) -> None:  # type: ignore[no-untyped-def]
+    """The MHA slots live on the quantized attention modules and only the onnx-fp8 op set applies them:
+    running the quantized model with another op set is refused, not silently unquantized."""
+    _, wrapper, contract, _ = setup
+    inputs = contract.sample_inputs(CHECK_SHAPES[1], torch.Generator().manual_seed(5))
+    with torch.no_grad(), pytest.raises(ConfigError, match="onnx-fp8"):
+        wrapper.model(inputs["video"], inputs["audio"], inputs["timestep"], inputs["context"])
 
 
 # ---- broken copies: each rule must fire on its own ---------------------------------------------------
