@@ -77,10 +77,11 @@ def export_graph(model: Any, contract: Any, precision: str, path: Path, calib_sh
     from javisrt.export.onnx import export_dit, save
 
     if precision == "fp8":
-        from javisrt.export.quantize import CalibrationSet, export_fp8, quantize_fp8
+        from javisrt.export.quantize import export_fp8
+        from javisrt.runtime.calibration import CalibrationSet, calibrate_fp8
 
         calib = CalibrationSet.random(contract, calib_shapes)
-        return save(export_fp8(quantize_fp8(model, calib, contract), contract), path)
+        return save(export_fp8(calibrate_fp8(model, calib), contract), path)
     return save(export_dit(model, "native", precision, contract), path)
 
 

@@ -10,11 +10,10 @@ What is quantized (per-tensor E4M3, "max" calibration):
     below), which hand them to the op set.
 Everything else (patch/time/text embeddings, modulation tables, heads) is left unquantized.
 
-Calibration runs the *unquantized* model along real sampling trajectories: for each calibration
-prompt, a CFG Euler rectified-flow loop (model-spec §6.1: shifted timesteps, ``v = v_u + g (v_c - v_u)``,
-``z <- z + v (t_i - t_{i+1}) / 1000``) from seeded noise; every step's forward feeds the calibrators.
-The loop is the project's own sampler (``runtime/sampling.sample``, the C++ loop when built) with the
-released schedule (:func:`calibration_sampler`); the fidelity check runs the same.
+Calibration is modelopt's ``forward_loop``, given by the caller: ``runtime/calibration.py`` runs the
+*unquantized* model along real sampling trajectories (the project's sampler and a DenoiseSession over
+the torch engine with the ``onnx-fp8`` op set) so every step's forward feeds the calibrators, and checks
+the fidelity the same way. Keeping the loop there keeps imports one way (engine <- export <- runtime).
 
 Export: modelopt's ``get_onnx_bytes_and_metadata`` (TorchScript exporter, the only one its FP8
 quantizers export through, feasibility §5) at opset 20, then the fixes ONNX Runtime and TensorRT need:
@@ -34,23 +33,19 @@ import logging
 import tempfile
 import warnings
 from unittest import mock
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 import torch
-from tqdm import tqdm
 
 from javisrt.engine.errors import ConfigError, UnavailableError
 from javisrt.engine.model import CrossAttention, JavisDiT, SelfAttention
-from javisrt.export.contract import DiTContract, Dims
+from javisrt.export.contract import DiTContract
 from javisrt.export.module import ExportableDiT, Flavor
 from javisrt.export.op_sets import MHA_SLOTS, Fp8Ops
 from javisrt.export.onnx import Precision, example_args, finalize, legacy_dynamic_axes
-from javisrt.runtime import sampling
 
 log = logging.getLogger(__name__)
 
@@ -113,127 +108,30 @@ def _mtq():  # type: ignore[no-untyped-def]
 
 
 # ---------------------------------------------------------------------------------------------------
-# Sampling trajectory (calibration and the fidelity check)
-# ---------------------------------------------------------------------------------------------------
-
-
-Denoiser = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]
-"""``denoise(video[2B], audio[2B] | None, t[2B], context[2B]) -> velocities``, on ``[cond; uncond]``."""
-
-
-def calibration_sampler(dims: Dims, steps: int, guidance: float, has_audio: bool) -> sampling.SamplerConfig:
-    """The released sampler (Euler, Open-Sora shift with its bf16-rounded ratio) for a contract shape.
-
-    Clips shorter than 17 frames (the tests' tiny shapes) give ``F // 17 = 0``, so ratio 0 and a
-    degenerate schedule the release never samples: those run unshifted (ratio 1).
-    """
-    frames = (dims["video_frames"] - 1) * 4 + 1
-    shift = 1.0
-    if frames >= 17:  # rflow_shift refuses the degenerate range; small pixel sizes can still give r < 1
-        shift = max(sampling.rflow_shift(dims["video_height"] * 8, dims["video_width"] * 8, frames), 1.0)
-    return sampling.SamplerConfig(sampling.Solver.EULER, steps, (guidance,) * (2 if has_audio else 1), shift)
-
-
-def sample_trajectory(
-    denoise: Denoiser, video: torch.Tensor, audio: torch.Tensor | None, cond: torch.Tensor, uncond: torch.Tensor,
-    config: sampling.SamplerConfig,
-) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
-    """One CFG sampling run of ``denoise`` from (video, audio) noise through the project's sampling loop
-    (``runtime/sampling.sample``: the C++ loop when built)."""
-    context = torch.cat((cond, uncond))
-    latents = [video.float().contiguous().numpy()] + ([audio.float().contiguous().numpy()] if audio is not None else [])
-
-    def denoiser(inputs: list[np.ndarray], timesteps: np.ndarray) -> list[np.ndarray]:
-        v = torch.tensor(inputs[0])  # a copy: the loop's buffers are read-only and valid only in the call
-        a = torch.tensor(inputs[1]) if len(inputs) > 1 else None
-        out = denoise(v, a, torch.tensor(timesteps), context)
-        return [np.ascontiguousarray(o.float().numpy()) for o in out]
-
-    result = sampling.sample(latents, denoiser, config)
-    final = [torch.from_numpy(np.array(x)) for x in result.latents]
-    return final[0], (final[1] if len(final) > 1 else None)
-
-
-def contract_denoiser(wrapper: torch.nn.Module, contract: DiTContract) -> Denoiser:
-    """A :data:`Denoiser` over an :class:`ExportableDiT`, with RoPE tables cached per shape."""
-    cache: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def denoise(video, audio, t, context):  # type: ignore[no-untyped-def]
-        dims = contract.dims_of({"video": video, **({"audio": audio} if audio is not None else {})})
-        key = tuple(dims.values())[1:]
-        if key not in cache:
-            cache[key] = contract.rope_tables(dims)
-        return wrapper(video, audio, t, context, *cache[key])
-
-    return denoise
-
-
-@dataclass(frozen=True)
-class CalibrationSet:
-    """Calibration inputs: prompt embeddings [N, text_len, text_dim], the negative one [1, ...], shapes."""
-
-    prompts: torch.Tensor
-    negative: torch.Tensor
-    shapes: tuple[Dims, ...]
-    steps: int = 10
-    guidance: float = 5.0
-    seed: int = 0
-
-    @classmethod
-    def random(cls, contract: DiTContract, shapes: Sequence[Dims], num_prompts: int = 4, **kw: object) -> CalibrationSet:
-        """Gaussian stand-ins for T5 embeddings (no text encoder here); say so in any report."""
-        cfg = contract.config
-        g = torch.Generator().manual_seed(1234)
-        prompts = torch.randn(num_prompts, cfg.text_len, cfg.text_dim, generator=g)
-        negative = torch.randn(1, cfg.text_len, cfg.text_dim, generator=g)
-        return cls(prompts, negative, tuple({**s, "batch": 1} for s in shapes), **kw)  # type: ignore[arg-type]
-
-    def trajectories(
-        self,
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, sampling.SamplerConfig, Dims]]:
-        """(video noise, audio noise, prompt, sampler config, dims) per (prompt, shape), seeded."""
-        g = torch.Generator().manual_seed(self.seed)
-        for dims in self.shapes:
-            config = calibration_sampler(dims, self.steps, self.guidance, "audio_frames" in dims)
-            for p in self.prompts:
-                video = torch.randn(1, 16, dims["video_frames"], dims["video_height"], dims["video_width"], generator=g)
-                audio = torch.randn(1, 8, dims["audio_frames"], 16, generator=g) if "audio_frames" in dims else None
-                yield video, audio, p[None], config, dims
-
-
-# ---------------------------------------------------------------------------------------------------
 # Quantize
 # ---------------------------------------------------------------------------------------------------
 
 
-def quantize_fp8(
-    model: JavisDiT, calib: CalibrationSet, contract: DiTContract | None = None, numerics: str = "fp32"
-) -> ExportableDiT:
-    """The math-flavour wrapper of ``model`` with FP8 fake-quant, calibrated on ``calib``'s trajectories.
+def quantize_fp8(model: JavisDiT, forward_loop: Callable[[JavisDiT], None], numerics: str = "fp32") -> ExportableDiT:
+    """The math-flavour wrapper of ``model`` with FP8 fake-quant, calibrated by ``forward_loop(model)``
+    (modelopt's calibration loop: it runs the model, whose quantizers collect their ranges; it must run
+    the ``onnx-fp8`` op set, which the quantized attention modules require).
 
     ``numerics`` (set on ``model`` in place): ``"fp32"`` gives the fake-quant reference and the graph ONNX
     Runtime can check; ``"official"`` is FP8 on top of the BF16 numerics (what the TensorRT engine runs).
     """
     mtq, tensor_quantizer = _mtq()
-    contract = contract or DiTContract.for_config(model.cfg)
     model.set_numerics(numerics)
     model.requires_grad_(False).eval()
     wrapper = ExportableDiT(model, Flavor.MATH).eval()
-    denoise = contract_denoiser(wrapper, contract)
-    runs = list(calib.trajectories())
-
-    def forward_loop(_: torch.nn.Module) -> None:
-        for video, audio, prompt, config, _dims in tqdm(runs, desc="FP8 calibration", unit="trajectory", leave=False):
-            sample_trajectory(denoise, video, audio, prompt, calib.negative, config)
-
     config = {"quant_cfg": QUANT_CFG, "algorithm": "max"}
     with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):  # modelopt prints a summary table
-        mtq.quantize(wrapper, config, forward_loop)
+        mtq.quantize(wrapper, config, lambda _: forward_loop(model))
     for module in wrapper.model.modules():
         if isinstance(module, SelfAttention):  # and CrossAttention, its subclass
             getattr(module, "softmax_quantizer").amax = torch.tensor(SOFTMAX_AMAX)
     n = sum(1 for _, m in wrapper.named_modules() if isinstance(m, tensor_quantizer) and m.is_enabled)
-    log.info("FP8: %d quantizers enabled, calibrated on %d trajectories x %d steps", n, len(runs), calib.steps)
+    log.info("FP8: %d quantizers enabled", n)
     return wrapper
 
 
@@ -288,53 +186,3 @@ def export_fp8(wrapper: ExportableDiT, contract: DiTContract | None = None) -> o
         out.name = name
     model = _fix_qdq_domain(model)
     return finalize(model, contract, Flavor.MATH.value, Precision.FP8.value)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Fidelity (fake-quant, CPU)
-# ---------------------------------------------------------------------------------------------------
-
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().flatten(), b.double().flatten()
-    return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-30))
-
-
-def psnr(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """``20 log10(max|ref| / rmse)`` in dB (peak = the reference's largest magnitude)."""
-    rmse = (out.double() - ref.double()).pow(2).mean().sqrt()
-    return float(20 * torch.log10(ref.double().abs().max() / rmse.clamp_min(1e-30)))
-
-
-@dataclass(frozen=True)
-class Fidelity:
-    """FP8 vs a reference, per modality: worst per-step velocity cosine (on the reference trajectory)
-    and the final-latent PSNR after the full run from the same noise."""
-
-    velocity_cosine: tuple[float, float]  # (video, audio)
-    latent_psnr_db: tuple[float, float]
-
-    def __str__(self) -> str:
-        (cv, ca), (pv, pa) = self.velocity_cosine, self.latent_psnr_db
-        return f"video: cos {cv:.5f}, PSNR {pv:.1f} dB; audio: cos {ca:.5f}, PSNR {pa:.1f} dB"
-
-
-def fp8_fidelity(
-    fp8: Denoiser, reference: Denoiser, video: torch.Tensor, audio: torch.Tensor, cond: torch.Tensor,
-    uncond: torch.Tensor, config: sampling.SamplerConfig,
-) -> Fidelity:  # fmt: skip
-    """Run the reference trajectory, comparing the FP8 velocity at each of its steps, then the FP8 run."""
-    worst = [1.0, 1.0]
-
-    def compare(v: torch.Tensor, a: torch.Tensor | None, t: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        ref = reference(v, a, t, c)
-        got = fp8(v, a, t, c)
-        for j, (g_, r_) in enumerate(zip(got, ref)):
-            worst[j] = min(worst[j], cosine(g_, r_))
-        return ref
-
-    with torch.no_grad():
-        ref_v, ref_a = sample_trajectory(compare, video, audio, cond, uncond, config)
-        q_v, q_a = sample_trajectory(fp8, video, audio, cond, uncond, config)
-    assert ref_a is not None and q_a is not None
-    return Fidelity((worst[0], worst[1]), (psnr(q_v, ref_v), psnr(q_a, ref_a)))

@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Subcommands that live with their subsystem: each module has register(subparsers) and run(args).
 SUBCOMMAND_MODULES = (
-    "javisrt.export.cli", "javisrt.export.trt_cli", "javisrt.bench.cli", "javisrt.runtime.serve.cli",
+    "javisrt.runtime.export_cli", "javisrt.export.trt_cli", "javisrt.bench.cli", "javisrt.runtime.serve.cli",
 )  # fmt: skip
 
 

@@ -1,4 +1,4 @@
-"""export/cli.py: ``javisrt export`` end to end on a tiny checkpoint (graph + manifest)."""
+"""runtime/export_cli.py: ``javisrt export`` end to end on a tiny checkpoint (graph + manifest)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from javisrt.engine.checkpoint import save_model
 from javisrt.engine.config import JavisConfig
 from javisrt.engine.errors import ConfigError
 from javisrt.engine.model import build_model, init_weights
-from javisrt.export import cli
+from javisrt.runtime import export_cli as cli
 from javisrt.export.contract import DiTContract
 from javisrt.export.onnx import contract_of
 

@@ -16,13 +16,9 @@ from javisrt.engine.model import build_model, init_weights
 from javisrt.export.contract import DiTContract
 from javisrt.runtime.sampling import SamplerConfig, Solver
 from javisrt.export.fp8_rules import SOFTMAX_SCALE, attention_matmuls, audit_ops, check_fp8
-from javisrt.export.quantize import (
-    CalibrationSet,
-    contract_denoiser,
-    export_fp8,
-    fp8_fidelity,
-    quantize_fp8,
-)
+from javisrt.export.quantize import export_fp8
+from javisrt.runtime.backends import create_engine
+from javisrt.runtime.calibration import CalibrationSet, calibrate_fp8, fp8_engine, fp8_fidelity
 from tests._tolerance import rel_err
 
 CALIB_SHAPE = {"batch": 1, "video_frames": 3, "video_height": 6, "video_width": 8, "audio_frames": 10}
@@ -45,7 +41,7 @@ def setup() -> tuple[torch.nn.Module, torch.nn.Module, DiTContract, onnx.ModelPr
     contract = DiTContract.for_config(cfg)
     reference = copy.deepcopy(model)
     calib = CalibrationSet.random(contract, [CALIB_SHAPE], num_prompts=3, steps=10)
-    wrapper = quantize_fp8(model, calib, contract)
+    wrapper = calibrate_fp8(model, calib)
     return reference, wrapper, contract, export_fp8(wrapper, contract)
 
 
@@ -181,7 +177,7 @@ def test_fp8_fidelity_vs_bf16(setup) -> None:  # type: ignore[no-untyped-def]
     reference, fp32_fp8, contract, _ = setup
     bf16 = copy.deepcopy(reference).set_numerics("official")
     calib = CalibrationSet.random(contract, [CALIB_SHAPE], num_prompts=3, steps=10)
-    bf16_fp8 = quantize_fp8(copy.deepcopy(reference), calib, contract, numerics="official")
+    bf16_fp8 = calibrate_fp8(copy.deepcopy(reference), calib, numerics="official")
     g = torch.Generator().manual_seed(99)
     dims = {**CALIB_SHAPE, "video_frames": 4, "audio_frames": 12}
     cfg = contract.config
@@ -190,9 +186,10 @@ def test_fp8_fidelity_vs_bf16(setup) -> None:  # type: ignore[no-untyped-def]
     cond = torch.randn(1, cfg.text_len, cfg.text_dim, generator=g)
     uncond = torch.randn(1, cfg.text_len, cfg.text_dim, generator=g)
     ts = SamplerConfig(Solver.EULER, 10, (5.0, 5.0), 2.0)  # 10 Euler steps, shift 2, CFG 5 per modality
-    vs_bf16 = fp8_fidelity(contract_denoiser(bf16_fp8, contract), bf16, video, audio, cond, uncond, ts)
-    vs_fp32 = fp8_fidelity(contract_denoiser(fp32_fp8, contract), reference, video, audio, cond, uncond, ts)
-    bf16_vs_fp32 = fp8_fidelity(bf16, reference, video, audio, cond, uncond, ts)
+    fp32_ref, bf16_ref = create_engine("torch", model=reference), create_engine("torch", model=bf16)
+    vs_bf16 = fp8_fidelity(fp8_engine(bf16_fp8.model), bf16_ref, video, audio, cond, uncond, ts)
+    vs_fp32 = fp8_fidelity(fp8_engine(fp32_fp8.model), fp32_ref, video, audio, cond, uncond, ts)
+    bf16_vs_fp32 = fp8_fidelity(bf16_ref, fp32_ref, video, audio, cond, uncond, ts)
     print(f"\nFP8 vs BF16: {vs_bf16}\nFP8(fp32) vs FP32: {vs_fp32}\nBF16 vs FP32: {bf16_vs_fp32}")
     for fid in (vs_bf16, vs_fp32):
         assert min(fid.velocity_cosine) >= 0.999

@@ -7,7 +7,8 @@
 Writes ``OUT/dit.onnx`` (weights > 2 GiB in ``OUT/dit.onnx.data``), with ``--fp32-copy`` also
 ``OUT/dit.fp32.onnx`` (the graph ONNX Runtime can check on CPU), and ``OUT/manifest.json``: the
 contract, the checkpoint's hash, flavour/precision, tool versions, and the static checks (op audit;
-FP8 rules). FP8 is the modelopt PTQ path (:mod:`javisrt.export.quantize`): its graph is the native
+FP8 rules). FP8 is the modelopt PTQ path (:mod:`javisrt.export.quantize`, calibrated along sampling
+trajectories by :mod:`javisrt.runtime.calibration` — why this command lives in runtime/): its graph is the native
 attention written out (MatMul/Softmax with Q/DQ), so ``--flavor plugin`` is refused with fp8.
 ``dit.onnx`` for fp8 is FP8 on the BF16 numerics the engine runs; its ``--fp32-copy`` is FP8 on fp32
 numerics calibrated on the same set (ONNX Runtime has no bf16 Q/DQ kernels).
@@ -21,8 +22,6 @@ import hashlib
 import importlib.metadata
 import json
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from javisrt.engine.atomic_file import atomic_file
 from javisrt.engine.errors import CheckpointError, ConfigError
 from javisrt.export.contract import DiTContract, ShapePoint
 
@@ -87,7 +87,7 @@ def versions() -> dict[str, str]:
 
 
 def _calibration(args: argparse.Namespace, contract: DiTContract) -> Any:
-    from javisrt.export.quantize import CalibrationSet
+    from javisrt.runtime.calibration import CalibrationSet
 
     try:
         frames, height, width = (int(v) for v in args.calib_shape.split(","))
@@ -136,14 +136,15 @@ def run(args: argparse.Namespace) -> int:
         bar.update()
         checks: dict[str, Any] = {}
         if args.precision == "fp8":
-            from javisrt.export.quantize import export_fp8, quantize_fp8
+            from javisrt.export.quantize import export_fp8
+            from javisrt.runtime.calibration import calibrate_fp8
 
             calib = _calibration(args, contract)
-            # fp32 copy first: quantize_fp8 changes the model in place (numerics + quantizers)
+            # fp32 copy first: calibrate_fp8 changes the model in place (numerics + quantizers)
             fp32_model = copy.deepcopy(model) if args.fp32_copy else None
             bar.set_postfix_str("FP8 calibration")
             # FP8 on the BF16 numerics the engine runs (embedders, modulation, norms, heads stay high precision)
-            wrapper = quantize_fp8(model, calib, contract, numerics="official")
+            wrapper = calibrate_fp8(model, calib, numerics="official")
             graph = export_fp8(wrapper.to("cpu"), contract)
             checks["fp8_rules"] = [str(v) for v in check_fp8(graph)]
         else:
@@ -170,9 +171,7 @@ def run(args: argparse.Namespace) -> int:
             # calibrated on the same set (run it with ORT_DISABLE_ALL, feasibility §3).
             bar.set_postfix_str("fp32 FP8 copy")
             assert fp32_model is not None
-            from javisrt.export.quantize import export_fp8, quantize_fp8
-
-            wrapper32 = quantize_fp8(fp32_model, calib, contract, numerics="fp32")
+            wrapper32 = calibrate_fp8(fp32_model, calib, numerics="fp32")
             files.append(save(export_fp8(wrapper32.to("cpu"), contract), out / "dit.fp32.onnx").name)
             bar.update()
     manifest = {
@@ -188,10 +187,8 @@ def run(args: argparse.Namespace) -> int:
         "versions": versions(),
         "export_seconds": round(time.time() - started, 1),
     }
-    fd, tmp = tempfile.mkstemp(prefix="manifest.", suffix=".tmp", dir=out)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(manifest, fh, indent=2, sort_keys=True)
-    os.replace(tmp, out / "manifest.json")
+    with atomic_file(out / "manifest.json") as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
     failed = [c for v in checks.values() for c in v]
     for line in failed:
         log.error("%s", line)
