@@ -83,12 +83,10 @@ SDXL_VAE_CONFIG: dict[str, Any] = dict(
     force_upcast=False,
 )
 
-# A 2-level SDXL-shaped AutoencoderKL (x2 spatial, mid-block attention kept) for tests and the tiny demo.
+# The SDXL VAE's 4 levels (x8 spatial, mid-block attention kept) at tiny widths: tests and the tiny demo.
 TINY_SPATIAL_CONFIG: dict[str, Any] = dict(
     SDXL_VAE_CONFIG,
-    down_block_types=("DownEncoderBlock2D",) * 2,
-    up_block_types=("UpDecoderBlock2D",) * 2,
-    block_out_channels=(8, 16),
+    block_out_channels=(4, 4, 8, 8),
     layers_per_block=1,
     norm_num_groups=4,
     sample_size=32,

@@ -127,7 +127,7 @@ def test_chunked_decode_matches_the_direct_computation() -> None:
     with torch.no_grad():
         out = vae.decode(z, 40)
         ref = _direct_decode(vae, z, 40)
-    assert out.shape == (1, 3, 40, 4, 6)
+    assert out.shape == (1, 3, 40, 16, 24)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
 
 
@@ -148,7 +148,7 @@ def test_micro_frames_are_decoded_independently(tiny: OpenSoraVAE) -> None:
 
 
 def test_encode_geometry_and_normalisation(tiny: OpenSoraVAE) -> None:
-    x = torch.rand(1, 3, 20, 4, 6) * 2 - 1
+    x = torch.rand(1, 3, 20, 16, 24) * 2 - 1
     with torch.no_grad():
         z = tiny.encode(x)
         spatial = tiny.spatial_vae.encode(x)
