@@ -34,7 +34,7 @@ def tiny_t5(seed: int = 0, d_model: int = 32) -> Any:  # transformers.T5EncoderM
     from transformers import T5Config, T5EncoderModel
 
     cfg = T5Config(vocab_size=259, d_model=d_model, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                   feed_forward_proj="gated-gelu", decoder_start_token_id=0)  # t5-v1_1's FFN, scaled down
+                   feed_forward_proj="gated-gelu")  # t5-v1_1's FFN, scaled down
     with seeded(seed):
         model = T5EncoderModel(cfg)
     return model.eval().requires_grad_(False)
