@@ -251,6 +251,19 @@ def load_imagebind_text(
     return model.requires_grad_(False).eval().to(device)
 
 
+def save_imagebind_text(trunk: ImageBindTextTrunk, path: str | os.PathLike[str]) -> Path:
+    """Write ``trunk`` as an ``imagebind_huge.pth``-layout file (text preprocessor + trunk keys only;
+    for tests and conversions), atomically."""
+    from javisrt.engine.checkpoint import atomic_write
+
+    state: dict[str, torch.Tensor] = {}
+    for key, value in trunk.state_dict().items():
+        prefix = TEXT_PREFIXES[1] if key.startswith("blocks.") else TEXT_PREFIXES[0]
+        state[prefix + key] = value.detach().clone()
+    state[TEXT_PREFIXES[0] + "mask"] = causal_mask(trunk.cfg.context_length)
+    return atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
+
+
 class ImageBindTextEncoder:
     """Prompts -> ImageBind text hidden states [B, 77, 1024] for the ST-prior estimator."""
 

@@ -484,6 +484,29 @@ def load_opensora_vae(
     return model.requires_grad_(False).eval().to(device)
 
 
+def save_opensora_vae(vae: OpenSoraVAE, directory: str | os.PathLike[str]) -> Path:
+    """Write ``vae`` in the released layout (``config.json`` + ``model.safetensors``), each file atomically."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from javisrt.engine.checkpoint import atomic_write
+
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in vae.state_dict().items()}
+    atomic_write(root / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    config = {
+        "architectures": ["VideoAutoencoderPipeline"], "model_type": "VideoAutoencoderPipeline", "cal_loss": False,
+        "micro_frame_size": vae.micro_frames, "scale": vae.scale.flatten().tolist(), "shift": vae.shift.flatten().tolist(),
+        "vae_2d": {"type": "VideoAutoencoderKL", "micro_batch_size": vae.spatial_vae.micro_batch,
+                   "from_pretrained": "PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers", "subfolder": "vae"},
+        "vae_temporal": {"type": "VAE_Temporal_SD", "from_pretrained": None},
+    }
+    atomic_write(root / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+    return root
+
+
 def random_opensora_vae(
     spatial_config: dict[str, Any] | None = None,
     temporal_cfg: TemporalVAEConfig | str = "tiny",

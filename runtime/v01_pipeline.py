@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,8 +34,8 @@ from javisrt.engine.v01_checkpoint import load_st_prior, load_v01_model
 from javisrt.engine.v01_model import VASTDiT3
 from javisrt.runtime import sampling
 from javisrt.runtime.decode import AudioDecoder, to_uint8_frames
-from javisrt.runtime.imagebind_text import ImageBindTextEncoder
-from javisrt.runtime.opensora_vae import OpenSoraVAE, load_opensora_vae
+from javisrt.runtime.imagebind_text import ImageBindTextConfig, ImageBindTextEncoder
+from javisrt.runtime.opensora_vae import OpenSoraVAE, TemporalVAEConfig, load_opensora_vae
 from javisrt.runtime.pipeline import GenerationCancelled, GenerationResult, Progress
 from javisrt.runtime.t5_text import AESTHETIC_SCORE, load_t5_encoder, v01_prompt
 from javisrt.runtime.text import PromptCache, TextEncoder
@@ -122,9 +123,9 @@ class V01Pipeline:
                     f"the prior gives {p.spatial_token_num}+{p.temporal_token_num} tokens of {p.out_dim}; the DiT takes "
                     f"{cfg.spatial_prior_len}+{cfg.temporal_prior_len} of {cfg.st_prior_channel}"
                 )
-            ib = imagebind.trunk.cfg
-            if (ib.context_length, ib.width) != (p.text_len, p.text_dim):
-                raise ConfigError(f"ImageBind gives {ib.context_length} x {ib.width}; the prior reads {p.text_len} x {p.text_dim}")
+            width = imagebind.trunk.cfg.width  # (the estimator reads any number of text tokens)
+            if width != p.text_dim:
+                raise ConfigError(f"ImageBind gives width {width}; the prior reads text_dim {p.text_dim}")
         elif prior is not None or video_vae is not None:
             raise ConfigError("the audio-only checkpoint takes no prior and no video VAE")
         self.model, self.text_encoder, self.audio_decoder = model, text_encoder, audio_decoder
@@ -149,14 +150,25 @@ class V01Pipeline:
         numerics: Numerics | str = Numerics.OFFICIAL,
         trained_gates: bool = False,
         device: torch.device | str = "cpu",
-        text_dtype: torch.dtype = torch.bfloat16,
-        decoder_dtype: torch.dtype = torch.float32,
+        text_dtype: torch.dtype | None = None,
+        decoder_dtype: torch.dtype | None = None,
         text_cache: PromptCache | None = None,
+        imagebind_config: ImageBindTextConfig | str = "imagebind-huge",
+        vae_spatial_config: dict[str, Any] | None = None,
+        vae_temporal_config: TemporalVAEConfig | str = "opensora-v1.2",
     ) -> V01Pipeline:
         """Local directories only: the DiT (``JavisDiT-v0.1-jav`` / ``-audio``), ``t5_dir``
         (``t5-v1_1-xxl``), ``audioldm2_dir`` (``vae/`` + ``vocoder/``); for a jav checkpoint also
         ``prior`` (``JavisDiT-v0.1-prior``), ``imagebind`` (``imagebind_huge.pth`` or its folder) and
-        ``vae_dir`` (``OpenSora-VAE-v1.2``)."""
+        ``vae_dir`` (``OpenSora-VAE-v1.2``).
+
+        Component dtypes follow ``numerics`` unless given: ``official`` runs T5, ImageBind and both VAEs
+        in bf16, as the reference's ``--dtype bf16`` inference does (every module ``.to(dtype)``);
+        ``fp32`` runs everything in fp32. The ``*_config`` arguments describe smaller test checkpoints
+        (the released files do not carry their architecture)."""
+        bf16 = Numerics(numerics) is Numerics.OFFICIAL
+        text_dtype = text_dtype or (torch.bfloat16 if bf16 else torch.float32)
+        decoder_dtype = decoder_dtype or (torch.bfloat16 if bf16 else torch.float32)
         check_dirs(checkpoint=checkpoint, T5_directory=t5_dir, AudioLDM2_directory=audioldm2_dir, prior=prior,
                    ImageBind_checkpoint=imagebind, video_VAE_directory=vae_dir)
         model = load_v01_model(checkpoint, numerics=numerics, device=device, trained_gates=trained_gates)
@@ -169,8 +181,9 @@ class V01Pipeline:
             return cls(model, text, audio, device=device, name=str(checkpoint))
         assert prior is not None and imagebind is not None and vae_dir is not None
         estimator = load_st_prior(prior, numerics=numerics, device=device)
-        ib = ImageBindTextEncoder.from_pretrained(imagebind, device=device)
-        vae = load_opensora_vae(vae_dir, dtype=decoder_dtype, device=device)
+        ib = ImageBindTextEncoder.from_pretrained(imagebind, config=imagebind_config, dtype=text_dtype, device=device)
+        vae = load_opensora_vae(vae_dir, dtype=decoder_dtype, device=device, spatial_config=vae_spatial_config,
+                                temporal_cfg=vae_temporal_config)
         return cls(model, text, audio, prior=estimator, imagebind=ib, video_vae=vae, device=device, name=str(checkpoint))
 
     # ---- generation ------------------------------------------------------------------------------

@@ -82,3 +82,33 @@ def test_prior_must_fit_the_dit(pipe: V01Pipeline) -> None:
 def test_missing_component_directories(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         V01Pipeline.from_pretrained(tmp_path / "dit", t5_dir=tmp_path, audioldm2_dir=tmp_path)
+
+
+def test_from_pretrained_reproduces_the_tiny_pipeline(pipe: V01Pipeline, reference: GenerationResult,
+                                                      tmp_path: Path) -> None:
+    """Every component written in its released layout, loaded back through from_pretrained (fp32)."""
+    from javisrt.engine.v01_checkpoint import save_pretrained
+    from javisrt.runtime.imagebind_text import save_imagebind_text
+    from javisrt.runtime.opensora_vae import TINY_SPATIAL_CONFIG, save_opensora_vae
+
+    assert pipe.prior is not None and pipe.imagebind is not None and pipe.video_vae is not None
+    save_pretrained(pipe.model, tmp_path / "JavisDiT-v0.1-jav")
+    save_pretrained(pipe.prior, tmp_path / "JavisDiT-v0.1-prior")
+    pipe.text_encoder.model.save_pretrained(str(tmp_path / "t5"))
+    pipe.text_encoder.tokenizer.save_pretrained(str(tmp_path / "t5"))
+    save_imagebind_text(pipe.imagebind.trunk, tmp_path / "imagebind_huge.pth")
+    save_opensora_vae(pipe.video_vae, tmp_path / "OpenSora-VAE-v1.2")
+    pipe.audio_decoder.vae.save_pretrained(str(tmp_path / "audioldm2" / "vae"))
+    pipe.audio_decoder.vocoder.save_pretrained(str(tmp_path / "audioldm2" / "vocoder"))
+    loaded = V01Pipeline.from_pretrained(
+        tmp_path / "JavisDiT-v0.1-jav", t5_dir=tmp_path / "t5", audioldm2_dir=tmp_path / "audioldm2",
+        prior=tmp_path / "JavisDiT-v0.1-prior", imagebind=tmp_path / "imagebind_huge.pth",
+        vae_dir=tmp_path / "OpenSora-VAE-v1.2", numerics="fp32", trained_gates=True, imagebind_config="tiny",
+        vae_spatial_config=TINY_SPATIAL_CONFIG, vae_temporal_config="tiny",
+    )
+    result = loaded(PROMPT, REQUEST)
+    assert np.array_equal(result.frames, reference.frames)
+    assert np.array_equal(result.waveform, reference.waveform)
+    with pytest.raises(CheckpointError, match="also pass prior, imagebind, vae_dir"):
+        V01Pipeline.from_pretrained(tmp_path / "JavisDiT-v0.1-jav", t5_dir=tmp_path / "t5",
+                                    audioldm2_dir=tmp_path / "audioldm2", numerics="fp32")
