@@ -7,6 +7,10 @@ and hands it to the library. Typed javisrt errors become one-line messages and e
     javisrt generate --checkpoint DIR --wan-dir DIR --audioldm2-dir DIR --prompt "..." [-o samples]
     javisrt generate --tiny --prompt-file prompts.csv   (csv: column ``text``, optional ``audio_text``, ``id``)
     torchrun --nproc_per_node N -m javisrt.runtime.cli generate ... [--parallel cfg=2,sp=K]   (runtime/parallel.py)
+    javisrt generate --model javisdit-v0.1 --checkpoint JavisDiT-v0.1-jav/ --prior JavisDiT-v0.1-prior/ \
+        --t5-dir t5-v1_1-xxl/ --imagebind imagebind_huge.pth --vae-dir OpenSora-VAE-v1.2/ \
+        --audioldm2-dir audioldm2/ --num-frames 4s --prompt "..."
+    javisrt demo --model javisdit-v0.1                  tiny random JavisDiT v0.1 components
     javisrt export --checkpoint DIR --precision bf16|fp8 --flavor native|plugin --out DIR
     javisrt build --onnx DIR --out engine.plan          (TensorRT, GPU only)
     javisrt bench --backend torch|ort|trt [--compare BACKEND] [--pipeline]
@@ -155,6 +159,28 @@ def _add_weights(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", help="torch device for every component (default: cpu)")
 
 
+MODELS = ("javisdit++", "javisdit-v0.1")
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", choices=MODELS, default="javisdit++",
+        help="which family: javisdit++ (Wan2.1-based, default) or javisdit-v0.1 (Open-Sora-based VASTDiT3 + ST-prior)",
+    )  # fmt: skip
+
+
+def _add_v01_weights(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("JavisDiT v0.1 (--model javisdit-v0.1; --checkpoint and --audioldm2-dir as above)")
+    g.add_argument("--prior", help="JavisDiT-v0.1-prior dir (config.json + model.safetensors); jav checkpoints")
+    g.add_argument("--t5-dir", help="t5-v1_1-xxl dir: config.json, weights and tokenizer files")
+    g.add_argument("--imagebind", help="imagebind_huge.pth (or its folder); only its text trunk is read; jav checkpoints")
+    g.add_argument("--vae-dir", help="OpenSora-VAE-v1.2 dir (config.json + model.safetensors); jav checkpoints")
+    g.add_argument("--num-frames", default="4s",
+                   help="v0.1 clip length: 2s=51, 4s=102, 8s=204, 16s=408 (official names) or a multiple of 17 (default 4s)")
+    g.add_argument("--trained-gates", action="store_true",
+                   help="load the checkpoint's trained video<->audio gates (the official inference leaves them at 0)")
+
+
 def _add_engine(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("DiT engine")
     g.add_argument(
@@ -187,8 +213,8 @@ def _add_request(p: argparse.ArgumentParser, *, frames: int, steps: int, seed: i
     g.add_argument("--aspect-ratio", default="9:16", help="bucket H:W key, reference naming: 9:16 = landscape (default)")
     g.add_argument("--height", type=int, help="explicit height (with --width; overrides the bucket)")
     g.add_argument("--width", type=int, help="explicit width (with --height)")
-    g.add_argument("--steps", type=int, default=steps, help=f"sampling steps (default {steps})")
-    g.add_argument("--guidance", type=float, default=5.0, help="CFG scale, both modalities (default 5.0)")
+    g.add_argument("--steps", type=int, help=f"sampling steps (default {steps}; javisdit-v0.1: 30)")
+    g.add_argument("--guidance", type=float, help="CFG scale, both modalities (default 5.0; javisdit-v0.1: 7.0)")
     g.add_argument("--audio-guidance", type=float, help="CFG scale for audio (default: --guidance)")
     g.add_argument("--seed", type=int, default=seed, help=f"noise seed; prompt i of a file uses seed + i (default {seed})")
     g.add_argument("--mode", choices=[m.value for m in GenerationMode], default="t2av", help="what to generate (default t2av)")
@@ -221,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, help="sampling steps (default: 20 tiny, 50 with real weights)")
     demo.add_argument("--frames", type=int, help="frames, 4n+1 in 33..81 (default: 33 tiny, 65 with real weights)")
     demo.add_argument("--mode", choices=[m.value for m in GenerationMode], default="t2av", help="what to generate (default t2av)")
+    _add_model(demo)
     _add_solver(demo)
     _add_weights(demo)
     _add_engine(demo)
@@ -246,7 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--dist-timeout", type=float, default=600.0, metavar="SECONDS",
         help="longest wait of a rank in a collective before it gives up with an error (default 600)",
     )  # fmt: skip
+    _add_model(gen)
     _add_weights(gen)
+    _add_v01_weights(gen)
     _add_engine(gen)
     _add_request(gen, frames=65, steps=50, seed=42)
     _add_output(gen)
@@ -280,14 +309,15 @@ def generation_config(args: argparse.Namespace) -> Any:
     from javisrt.runtime.pipeline import GenerationConfig
     from javisrt.runtime.text import NEGATIVE_PROMPT
 
-    guidance = args.guidance if args.audio_guidance is None else (args.guidance, args.audio_guidance)
+    video_guidance = 5.0 if args.guidance is None else args.guidance
+    guidance = video_guidance if args.audio_guidance is None else (video_guidance, args.audio_guidance)
     return GenerationConfig(
         num_frames=args.frames,
         resolution=args.resolution,
         aspect_ratio=args.aspect_ratio,
         height=args.height,
         width=args.width,
-        steps=args.steps,
+        steps=50 if args.steps is None else args.steps,
         guidance=guidance,
         seed=args.seed,
         mode=args.mode,
@@ -341,13 +371,71 @@ def _num_heads(args: argparse.Namespace) -> int:
     from javisrt.runtime.demo import TINY_PRESET
 
     return JavisConfig.from_name(TINY_PRESET if args.tiny else args.config or "javisdit-v1.0").num_heads
+def v01_generation_config(args: argparse.Namespace) -> Any:
+    """The v0.1 request for the flags (official defaults: 240x426, "4s", 30 steps, CFG 7, seed 42)."""
+    from javisrt.runtime.v01_pipeline import V01GenerationConfig, parse_num_frames
+
+    if (args.resolution, args.aspect_ratio) != ("240p", "9:16") and args.height is None:
+        raise NotImplementedError("v0.1 resolution buckets other than 240p 9:16 are not implemented; pass --height/--width")
+    if args.audio_guidance is not None or args.negative_prompt is not None or args.solver is not None:
+        raise ConfigError("javisdit-v0.1 has one CFG scale, no negative prompt (learned null caption) and the rflow loop: "
+                          "drop --audio-guidance/--negative-prompt/--solver")
+    if (args.height is None) != (args.width is None):
+        raise ConfigError("give both --height and --width, or neither (240x426)")
+    given = {k: v for k, v in (("steps", args.steps), ("guidance", args.guidance)) if v is not None}
+    return V01GenerationConfig(num_frames=parse_num_frames(args.num_frames), height=args.height or 240,
+                               width=args.width or 426, seed=args.seed, **given)
+
+
+def _load_v01_pipeline(args: argparse.Namespace, tiny: bool) -> Any:
+    from javisrt.runtime.v01_demo import build_tiny_v01_pipeline
+    from javisrt.runtime.v01_pipeline import V01Pipeline
+
+    audio_only = GenerationMode(args.mode) is GenerationMode.T2A
+    if tiny:
+        if any((args.checkpoint, args.prior, args.t5_dir, args.imagebind, args.vae_dir, args.audioldm2_dir)):
+            raise ConfigError("--tiny uses random weights; do not combine it with weight directories")
+        return build_tiny_v01_pipeline(audio_only=audio_only)
+    if args.backend != "torch" or args.engine_file:
+        raise NotImplementedError("javisdit-v0.1 runs on the torch engine only (no compiled v0.1 graph yet)")
+    for flag, value in (("--checkpoint", args.checkpoint), ("--t5-dir", args.t5_dir), ("--audioldm2-dir", args.audioldm2_dir)):
+        if not value:
+            raise ConfigError(f"javisdit-v0.1 with real weights needs {flag} (or use --tiny)")
+    pipe = V01Pipeline.from_pretrained(
+        args.checkpoint, t5_dir=args.t5_dir, audioldm2_dir=args.audioldm2_dir, prior=args.prior,
+        imagebind=args.imagebind, vae_dir=args.vae_dir, device=args.device, trained_gates=args.trained_gates,
+    )  # fmt: skip
+    if audio_only == pipe.has_video or GenerationMode(args.mode) is GenerationMode.T2V:
+        kind = "video+audio (t2av)" if pipe.has_video else "audio-only (t2a)"
+        raise ConfigError(f"--mode {args.mode} does not fit the {kind} checkpoint {args.checkpoint}")
+    return pipe
+
+
+def _generate_v01(args: argparse.Namespace, items: list[Any], out_dir: Path) -> int:
+    from dataclasses import replace
+
+    config = v01_generation_config(args)
+    pipe = _load_v01_pipeline(args, args.tiny)
+    mode = GenerationMode.T2AV if pipe.has_video else GenerationMode.T2A
+    for n, (i, item, path) in enumerate(items):
+        bars = ProgressBars(args.quiet, label=f"[{n + 1}/{len(items)}]")
+        try:
+            result = pipe(item.prompt_for(mode), replace(config, seed=config.seed + i), progress=bars)
+        finally:
+            bars.close()
+        result.save(path)
+        log.info("[%d/%d] %s", n + 1, len(items), path)
+    return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from javisrt.runtime import parallel
     from javisrt.runtime.media import check_writable_dir
 
-    config = generation_config(args)
+    if args.model == "javisdit-v0.1":
+        v01_generation_config(args)  # bad flags fail before any file is touched
+    else:
+        config = generation_config(args)
     items = read_prompts(args.prompt, args.prompt_file, args.name_prefix)
     launch = parallel.LaunchEnv.from_environ(os.environ)  # torchrun's RANK / WORLD_SIZE / LOCAL_RANK
     plan = parallel.plan_for_launch(args.parallel, launch.world_size, _num_heads(args))  # before any model
@@ -366,6 +454,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if not todo:
             log.info("nothing to do: all %d outputs exist", len(items))
             return 0
+        if args.model == "javisdit-v0.1":
+            if ctx.distributed:
+                raise NotImplementedError("javisdit-v0.1 under torchrun (data or model parallel) is not implemented")
+            return _generate_v01(args, todo, out_dir)
         pipe = _load_pipeline(args, args.tiny, ctx.device, ctx if plan.model_parallel > 1 else None)
         pipe.check(config)  # mode vs checkpoint before any work
         mode = GenerationMode(config.mode)
@@ -382,10 +474,40 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_v01(args: argparse.Namespace) -> int:
+    from javisrt.runtime.demo import DEMO_PROMPT
+    from javisrt.runtime.media import check_writable_dir
+    from javisrt.runtime.v01_demo import build_tiny_v01_pipeline, v01_demo_config
+
+    if args.checkpoint or args.wan_dir or args.audioldm2_dir or args.engine_file:
+        raise ConfigError("`demo --model javisdit-v0.1` runs tiny random components; for real weights use "
+                          "`javisrt generate --model javisdit-v0.1 ...`")
+    if args.solver is not None:
+        raise ConfigError("javisdit-v0.1 samples with its rflow loop: drop --solver")
+    out = Path(args.out)
+    check_writable_dir(out.parent if str(out.parent) else Path("."))
+    given = {k: v for k, v in (("steps", args.steps), ("num_frames", args.frames)) if v is not None}
+    config = v01_demo_config(seed=args.seed, **given)
+    pipe = build_tiny_v01_pipeline(audio_only=GenerationMode(args.mode) is GenerationMode.T2A)
+    if GenerationMode(args.mode) is GenerationMode.T2V:
+        raise ConfigError("javisdit-v0.1 has no video-only model: use --mode t2av or t2a")
+    bars = ProgressBars(args.quiet, label="demo")
+    try:
+        result = pipe(args.prompt or DEMO_PROMPT, config, progress=bars)
+    finally:
+        bars.close()
+    path = result.save(out)
+    stages = ", ".join(f"{k[:-2]} {v:.2f} s" for k, v in result.timings.items())
+    print(f"wrote {path.resolve()}\n  JavisDiT v0.1 (tiny random weights), {config.num_frames} frames at 24 fps; {stages}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from javisrt.runtime.demo import DEMO_PROMPT, demo_config, run_demo
     from javisrt.runtime.pipeline import GenerationConfig
 
+    if args.model == "javisdit-v0.1":
+        return _demo_v01(args)
     real = bool(args.checkpoint or args.wan_dir or args.audioldm2_dir or (args.engine_file and args.wan_dir))
     given = {k: v for k, v in (("steps", args.steps), ("num_frames", args.frames)) if v is not None}
     if real:  # the released defaults (240p 9:16, 65 frames, 50 steps) unless overridden

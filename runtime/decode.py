@@ -39,6 +39,14 @@ def _place(module: Any, device: torch.device | str, dtype: torch.dtype) -> Any:
 WAN_VAE_FILE = "Wan2.1_VAE.pth"
 
 
+def to_uint8_frames(x: torch.Tensor) -> np.ndarray:
+    """Decoded pixels [B, 3, F, H, W] in ~[-1, 1] -> uint8 frames [B, F, H, W, 3]: clamp, then
+    ``(x + 1) / 2 * 255 + 0.5`` truncated, as the references' ``save_sample`` (Wan and Open-Sora alike)."""
+    x = x.float().clamp(-1, 1)
+    frames = ((x + 1) / 2 * 255 + 0.5).to(torch.uint8)
+    return frames.permute(0, 2, 3, 4, 1).contiguous().cpu().numpy()
+
+
 def _check_dir(path: Path, what: str) -> Path:
     if not path.is_dir():
         raise CheckpointError(f"{what} not found: {path}")
@@ -71,9 +79,7 @@ class VideoDecoder:
             raise ShapeError(f"video latent must be [B,16,T,H8,W8], got {tuple(latent.shape)}")
         z = latent.float().cpu() * self.std + self.mean
         x = self.vae.decode(z.to(self.device, self.dtype)).sample  # [B, 3, F, H, W] in ~[-1, 1]
-        x = x.float().clamp(-1, 1)
-        frames = ((x + 1) / 2 * 255 + 0.5).to(torch.uint8)  # truncation, as the reference
-        return frames.permute(0, 2, 3, 4, 1).contiguous().cpu().numpy()
+        return to_uint8_frames(x)
 
     @classmethod
     def from_pretrained(

@@ -20,7 +20,7 @@ import logging
 import os
 import re
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,7 +127,8 @@ class TextEncoder:
     """A tokenizer + ``UMT5EncoderModel`` pair producing :class:`TextEmbedding` with an LRU cache.
 
     ``identity`` names the weights (path or builder + seed) and keys the cache; ``encoder_calls``
-    counts encoder forwards (a cached prompt does not add one).
+    counts encoder forwards (a cached prompt does not add one). ``preprocess`` turns a prompt into the
+    text that is tokenized (Wan's :func:`clean_text` by default; JavisDiT v0.1's T5 uses its own).
     """
 
     def __init__(
@@ -139,6 +140,7 @@ class TextEncoder:
         text_len: int = TEXT_LEN,
         cache: PromptCache | None = None,
         device: torch.device | str = "cpu",
+        preprocess: Callable[[str], str] = clean_text,
     ) -> None:
         if text_len <= 0:
             raise ConfigError(f"text_len must be positive, got {text_len}")
@@ -149,6 +151,7 @@ class TextEncoder:
         self.cache = cache if cache is not None else PromptCache()
         self.device = torch.device(device)
         self.encoder_calls = 0
+        self.preprocess = preprocess
 
     @property
     def dim(self) -> int:
@@ -158,7 +161,7 @@ class TextEncoder:
         """Embeddings of ``texts`` (batch in order); cached prompts skip the encoder."""
         if isinstance(texts, str):
             texts = [texts]
-        cleaned = [clean_text(t) for t in texts]
+        cleaned = [self.preprocess(t) for t in texts]
         found: dict[str, TextEmbedding] = {}
         for text in cleaned:
             hit = self.cache.get((self.identity, text))

@@ -167,3 +167,32 @@ def test_subsystem_subcommands_are_registered(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setitem(sys.modules, "javisrt.bench.cli", fake)
     assert cli.main(["bench", "--onnx", "x.onnx"]) == 0
     assert cli.main(["bench", "--onnx", "y.onnx"]) == 1
+
+
+def test_v01_demo_and_generate_tiny(tmp_path: Path) -> None:
+    """`javisrt demo --model javisdit-v0.1` and `generate --model javisdit-v0.1 --tiny` write 24 fps MP4s."""
+    out = tmp_path / "v01.mp4"
+    assert cli.main(["demo", "--model", "javisdit-v0.1", "--out", str(out), "--steps", "2", "--quiet"]) == 0
+    info = probe_mp4(out)
+    assert (info.video_streams, info.audio_streams) == (1, 1) and info.fps == 24 and info.num_frames == 17
+    argv = ["generate", "--model", "javisdit-v0.1", "--tiny", "--prompt", "a bird sings", "-o", str(tmp_path / "s"),
+            "--num-frames", "17", "--height", "32", "--width", "32", "--steps", "2", "--quiet"]
+    assert cli.main(argv) == 0
+    info = probe_mp4(tmp_path / "s" / "sample_0000.mp4")
+    assert info.fps == 24 and info.num_frames == 17 and (info.height, info.width) == (32, 32)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--num-frames", "20", "--tiny"], "multiple of 17"),
+        (["--num-frames", "3s", "--tiny"], "unknown v0.1 frame count"),
+        (["--negative-prompt", "x", "--tiny"], "no negative prompt"),
+        (["--checkpoint", "/nonexistent/dit", "--t5-dir", "/x", "--audioldm2-dir", "/y"], "not found"),
+        (["--t5-dir", "/x"], "needs --checkpoint"),
+    ],
+)
+def test_v01_generate_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
+    base = ["generate", "--model", "javisdit-v0.1", "--prompt", "x", "-o", str(tmp_path), "--steps", "1", "--quiet"]
+    assert cli.main([*base, *argv]) == cli.EXIT_ERROR
+    assert message in capsys.readouterr().err

@@ -21,3 +21,21 @@ def test_forward_v01_tiny_case(preset: str, capsys: pytest.CaptureFixture[str]) 
 def test_forward_v01_full_case_shapes() -> None:
     (t, h, w), (ta, fa), (height, width) = forward_v01.CASES["240p-102f"]
     assert (t, h, w, ta, fa, height, width) == (30, 30, 53, 112, 16, 240, 426)
+
+
+def test_v01_components_meta_rss(capsys: pytest.CaptureFixture[str]) -> None:
+    from javisrt.bench import v01_components
+
+    assert v01_components.main(["--all", "--only", "prior", "vae"]) == 0
+    rows = {r["component"]: r for r in map(json.loads, capsys.readouterr().out.strip().splitlines())}
+    assert rows["prior"]["params"] == 30_116_608  # v01-spec §1
+    assert rows["vae"]["params"] == 393_341_007  # the released OpenSora-VAE-v1.2 weights (+ 8 buffer values)
+    assert all(r["peak_rss_gib"] >= r["rss_before_gib"] > 0 for r in rows.values())
+
+
+def test_v01_tiny_run_stages(capsys: pytest.CaptureFixture[str]) -> None:
+    from javisrt.bench import v01_components
+
+    assert v01_components.main(["--tiny-run", "--steps", "2"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert {"text_s", "prior_s", "denoise_s", "video_decode_s", "audio_decode_s"} <= set(row)
