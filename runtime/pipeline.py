@@ -279,8 +279,8 @@ class JavisPipeline:
             if for_mode is None:
                 raise ConfigError(
                     f"the {self.engine.name} engine's graph was exported for mode {self.engine.contract.mode.value}; "
-                    f"mode {mode.value} needs a graph exported for it (`javisrt export --mode {mode.value}`) "
-                    "or the torch engine"
+                    f"mode {mode.value} runs on the torch engine (`--backend torch`); per-mode graph export is not "
+                    "implemented"
                 )
             engine = self._mode_engines[mode] = for_mode(mode)
         return engine

@@ -165,7 +165,7 @@ def test_compiled_engine_pipeline(tiny_onnx: Path, monkeypatch: pytest.MonkeyPat
     result = ort_pipe(PROMPT, REQUEST)
     assert result.frames is not None and result.frames.shape == (33, 32, 32, 3) and result.waveform is not None
     calls = ort_pipe.text_encoder.encoder_calls
-    with pytest.raises(ConfigError, match="exported for mode t2av; mode t2a needs a graph exported for it"):
+    with pytest.raises(ConfigError, match="exported for mode t2av; mode t2a runs on the torch engine"):
         ort_pipe(PROMPT, REQUEST, mode="t2a")
     assert ort_pipe.text_encoder.encoder_calls == calls
 
