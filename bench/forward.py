@@ -82,12 +82,17 @@ def main(argv: list[str] | None = None) -> int:
         "peak_rss_gib": round(max_rss_gib(), 2), "threads": torch.get_num_threads(),
         "finite": bool(torch.isfinite(out_v).all() and (out_a is None or torch.isfinite(out_a).all())),
     }
-    if args.json:
+    print_row(row, args.json)
+    return 0
+
+
+def print_row(row: dict[str, object], as_json: bool) -> None:
+    """The result row: one JSON line, or one aligned ``key: value`` line per field."""
+    if as_json:
         print(json.dumps(row))
     else:
         for k, v in row.items():
             print(f"{k:>22}: {v}")
-    return 0
 
 
 if __name__ == "__main__":

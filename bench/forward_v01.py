@@ -11,12 +11,11 @@ runtime). The sibling of ``bench/forward.py`` (JavisDiT++), whose RSS helper it 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
 
-from javisrt.bench.forward import max_rss_gib
+from javisrt.bench.forward import max_rss_gib, print_row
 from javisrt.engine.model import Numerics
 from javisrt.engine.v01_config import V01_PRESETS, V01Config
 from javisrt.engine.v01_model import random_v01_model
@@ -82,11 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         "peak_rss_gib": round(max_rss_gib(), 2), "threads": torch.get_num_threads(),
         "finite": bool(torch.isfinite(out.audio).all() and (out.video is None or torch.isfinite(out.video).all())),
     }
-    if args.json:
-        print(json.dumps(row))
-    else:
-        for k, v in row.items():
-            print(f"{k:>22}: {v}")
+    print_row(row, args.json)
     return 0
 
 
