@@ -35,8 +35,6 @@ from typing import Any
 
 from javisrt.engine.config import GenerationMode
 from javisrt.engine.errors import ConfigError, JavisError, LauncherStopped, UnavailableError
-from javisrt.runtime.backends import ENGINES
-from javisrt.runtime.sampling import Solver
 
 log = logging.getLogger("javisrt")
 
@@ -182,6 +180,10 @@ def _add_v01_weights(p: argparse.ArgumentParser) -> None:
 
 
 def _add_engine(p: argparse.ArgumentParser) -> None:
+    # Imported here, not at the top: it imports torch, which a torchrun rank must only do once its
+    # SIGTERM handler is installed (see main); the parser is built after that.
+    from javisrt.runtime.backends import ENGINES
+
     g = p.add_argument_group("DiT engine")
     g.add_argument(
         "--backend", choices=ENGINES, default="torch",
@@ -223,6 +225,8 @@ def _add_request(p: argparse.ArgumentParser, *, frames: int, steps: int, seed: i
 
 
 def _add_solver(g: Any) -> None:
+    from javisrt.runtime.sampling import Solver  # imports torch: see _add_engine
+
     g.add_argument(
         "--solver", choices=[s.value for s in Solver],
         help="sampling loop: euler (JavisDiT++'s released rflow sampler) or unipc (Wan2.1's flow UniPC); "
@@ -542,10 +546,13 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
         transformers_logging.disable_progress_bar()
 
 
+_STOPPED_BY_LAUNCHER = "stopped by the launcher (SIGTERM): another rank exited first"
+
+
 def _stop_on_sigterm(signum: int, frame: Any) -> None:
     """torchrun's agent sends SIGTERM to every rank once one exits: raise, so the rank reports why."""
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    raise LauncherStopped("stopped by the launcher (SIGTERM): another rank exited first")
+    raise LauncherStopped(_STOPPED_BY_LAUNCHER)
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
@@ -566,7 +573,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one of several ranks (torchrun)
         signal.signal(signal.SIGTERM, _stop_on_sigterm)
-        code = _main(argv)
+        try:
+            code = _main(argv)
+        except Exception:
+            # The launcher's SIGTERM can land inside an import (torch registering its ops), where the
+            # LauncherStopped it raises resurfaces as another exception type: still this rank's stop.
+            if signal.getsignal(signal.SIGTERM) is not _exit_on_sigterm:
+                raise
+            log.debug("traceback", exc_info=True)
+            log.error("%s", _STOPPED_BY_LAUNCHER)
+            code = EXIT_ERROR
         if code:
             _exit_rank(code)
         return code
