@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -247,28 +247,28 @@ class DiTContract:
         full = self.resolve(dims)
         return {t.name: t.concrete(full) for t in self.outputs}
 
-    def dims_of(self, inputs: Mapping[str, Any], video_frames: int | None = None) -> Dims:
-        """Read the free dims back from concrete inputs (validating the shape of each one given).
+    def dims_of(self, shapes: Mapping[str, Sequence[int]], video_frames: int | None = None) -> Dims:
+        """Read the free dims back from the shapes of concrete inputs (validating each one given).
 
         t2a has no video tensor: ``video_frames`` (the video's latent frame count) must be given.
         """
-        missing = [name for name, _ in self.modality_io if name not in inputs]
+        missing = [name for name, _ in self.modality_io if name not in shapes]
         if missing:
             raise ShapeError(f"inputs {missing} of the {self.mode.value} contract are missing")
         dims: Dims = {}
         if self.has_video:
-            v = inputs[VIDEO].shape
+            v = shapes[VIDEO]
             dims.update({BATCH: v[0], VIDEO_FRAMES: v[2], VIDEO_HEIGHT: v[3], VIDEO_WIDTH: v[4]})
         elif video_frames is None:
             raise ShapeError("an audio-only (t2a) request needs video_frames, the TA-RoPE time axis")
         else:
-            dims.update({BATCH: inputs[AUDIO].shape[0], VIDEO_FRAMES: int(video_frames)})
+            dims.update({BATCH: shapes[AUDIO][0], VIDEO_FRAMES: int(video_frames)})
         if self.has_audio:
-            dims[AUDIO_FRAMES] = inputs[AUDIO].shape[2]
+            dims[AUDIO_FRAMES] = shapes[AUDIO][2]
         expected = self.input_shapes(dims)
         for name, shape in expected.items():
-            if name in inputs and tuple(inputs[name].shape) != shape:
-                raise ShapeError(f"input {name}: shape {tuple(inputs[name].shape)} != contract {shape}")
+            if name in shapes and tuple(shapes[name]) != shape:
+                raise ShapeError(f"input {name}: shape {tuple(shapes[name])} != contract {shape}")
         return {k: int(v) for k, v in dims.items()}
 
     def trt_profiles(self) -> list[dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]]:

@@ -135,7 +135,7 @@ def request_dims(
             f"the {contract.mode.value} engine generates {[n for n, _ in contract.modality_io]}; "
             f"got latents {sorted(latent_shapes)}"
         )
-    shaped = {}
+    batched: dict[str, tuple[int, ...]] = {}
     for name, shape in latent_shapes.items():
         full = tuple(int(s) for s in shape)
         rank = len(contract.spec(name).shape)
@@ -143,17 +143,10 @@ def request_dims(
             full = (batch, *full)
         elif len(full) != rank:
             raise ShapeError(f"latent {name}: shape {full} has neither rank {rank - 1} nor {rank}")
-        shaped[name] = _Shape(full)
-    dims = contract.dims_of(shaped, video_frames=video_frames)
+        batched[name] = full
+    dims = contract.dims_of(batched, video_frames=video_frames)
     dims[BATCH] = int(batch)
     return dims
-
-
-class _Shape:
-    """A stand-in carrying only ``shape`` (what :meth:`DiTContract.dims_of` reads)."""
-
-    def __init__(self, shape: tuple[int, ...]) -> None:
-        self.shape = shape
 
 
 class DenoiseSession:
