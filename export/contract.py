@@ -159,17 +159,17 @@ class DiTContract:
         """
         if cfg.patch_size[0] != 1:
             raise ConfigError(f"the contract assumes a temporal patch of 1, got {cfg.patch_size}")
-        mode = cfg.model_type if mode is None else GenerationMode(mode)
-        if not cfg.supports(mode):
-            raise ConfigError(f"the {cfg.name} network ({cfg.model_type.value}) cannot generate {mode.value}")
+        generated = GenerationMode(cfg.model_type if mode is None else mode)
+        if not cfg.supports(generated):
+            raise ConfigError(f"the {cfg.name} network ({cfg.model_type.value}) cannot generate {generated.value}")
         video = (BATCH, cfg.in_channels, VIDEO_FRAMES, VIDEO_HEIGHT, VIDEO_WIDTH)
         audio = (BATCH, cfg.audio_in_channels, AUDIO_FRAMES, AUDIO_BINS)
         inputs: list[TensorSpec] = []
         outputs: list[TensorSpec] = []
-        if mode is not GenerationMode.T2A:
+        if generated is not GenerationMode.T2A:
             inputs.append(TensorSpec(VIDEO, "float32", video))
             outputs.append(TensorSpec(VIDEO_VELOCITY, "float32", (BATCH, cfg.out_channels, *video[2:])))
-        if mode is not GenerationMode.T2V:
+        if generated is not GenerationMode.T2V:
             inputs.append(TensorSpec(AUDIO, "float32", audio))
             outputs.append(TensorSpec(AUDIO_VELOCITY, "float32", (BATCH, cfg.audio_out_channels, *audio[2:])))
         half = cfg.head_dim // 2
@@ -179,7 +179,7 @@ class DiTContract:
             TensorSpec(ROPE_COS, "float32", (NUM_TOKENS, half)),
             TensorSpec(ROPE_SIN, "float32", (NUM_TOKENS, half)),
         ]
-        return cls("dit", cfg, mode, tuple(inputs), tuple(outputs), profiles)
+        return cls("dit", cfg, generated, tuple(inputs), tuple(outputs), profiles)
 
     @property
     def has_video(self) -> bool:
