@@ -549,8 +549,12 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
 _STOPPED_BY_LAUNCHER = "stopped by the launcher (SIGTERM): another rank exited first"
 
 
+_launcher_stop = {"seen": False}  # this process got the launcher's SIGTERM
+
+
 def _stop_on_sigterm(signum: int, frame: Any) -> None:
     """torchrun's agent sends SIGTERM to every rank once one exits: raise, so the rank reports why."""
+    _launcher_stop["seen"] = True
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     raise LauncherStopped(_STOPPED_BY_LAUNCHER)
 
@@ -573,7 +577,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one of several ranks (torchrun)
         signal.signal(signal.SIGTERM, _stop_on_sigterm)
+        barrier = None
         try:
+            from javisrt.runtime.parallel import STARTUP_WAIT_S, StartupBarrier  # imports torch: after the handler
+
+            barrier = StartupBarrier.join(os.environ)
             code = _main(argv)
         except Exception:
             # The launcher's SIGTERM can land inside an import (torch registering its ops), where the
@@ -584,6 +592,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.error("%s", _STOPPED_BY_LAUNCHER)
             code = EXIT_ERROR
         if code:
+            if barrier is not None and not _launcher_stop["seen"] and not barrier.wait():
+                log.warning("exiting before every peer rank finished starting (waited %.0f s)", STARTUP_WAIT_S)
             _exit_rank(code)
         return code
     return _main(argv)

@@ -32,6 +32,7 @@ import contextlib
 import datetime
 import logging
 import re
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -48,6 +49,8 @@ T = TypeVar("T")
 
 DEFAULT_TIMEOUT_S = 600.0  # longest wait in a collective: covers one rank loading weights while others wait
 FAILURE_KEY = "javisrt/failed/{rank}"
+STARTED_KEY = "javisrt/started"
+STARTUP_WAIT_S = 60.0  # longest a failed rank waits for its peers to finish starting
 _SPEC = re.compile(r"^\s*(cfg|sp)\s*=\s*(\d+)\s*$")
 
 
@@ -132,6 +135,52 @@ class LaunchEnv:
         if not 0 <= launch.rank < launch.world_size:
             raise ConfigError(f"RANK {launch.rank} outside 0..WORLD_SIZE-1 = {launch.world_size - 1}")
         return launch
+
+
+class StartupBarrier:
+    """Every rank counts itself in torchrun's agent store once its SIGTERM handler is installed.
+
+    torchrun's agent sends SIGTERM to every rank as soon as one exits. A rank still starting its
+    interpreter has no handler yet: it dies with -15 and no message, so the launch does not say why it
+    stopped. A rank that fails on its own therefore waits (at most :data:`STARTUP_WAIT_S`) until all
+    ranks have counted in before it exits; from then on each peer reports the launcher's stop itself.
+
+    Only under torchrun's agent store (``TORCHELASTIC_USE_AGENT_STORE=True``): there every rank is a
+    client of a store the agent hosts, so connecting early creates nothing the rendezvous later needs.
+    """
+
+    def __init__(self, store: Any, world_size: int) -> None:
+        self.store = store
+        self.world_size = world_size
+
+    @classmethod
+    def join(cls, env: Mapping[str, str], timeout_s: float = STARTUP_WAIT_S) -> StartupBarrier | None:
+        """Count this rank in; None outside torchrun's agent store (nothing to wait for)."""
+        if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+            return None
+        launch = LaunchEnv.from_environ(env)
+        try:
+            store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False,
+                                  timeout=datetime.timedelta(seconds=timeout_s))  # fmt: skip
+            store.add(STARTED_KEY, 1)
+        except (KeyError, ValueError, RuntimeError) as exc:  # no usable agent store: ranks start unguarded
+            log.warning("rank %d: cannot count in at torchrun's store (%s); a peer still starting when "
+                        "this rank fails may be killed without a message", launch.rank, exc)  # fmt: skip
+            return None
+        return cls(store, launch.world_size)
+
+    def started(self) -> int:
+        """How many ranks have counted in."""
+        return int(self.store.add(STARTED_KEY, 0))
+
+    def wait(self, timeout_s: float = STARTUP_WAIT_S, poll_s: float = 0.05) -> bool:
+        """Block until every rank has counted in (True) or ``timeout_s`` passed (False)."""
+        deadline = time.monotonic() + timeout_s
+        while self.started() < self.world_size:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(poll_s)
+        return True
 
 
 def rank_device(device: torch.device | str, launch: LaunchEnv) -> torch.device:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 TINY_REQUEST = ["--tiny", "--mode", "t2v", "--frames", "33", "--height", "16", "--width", "16", "--steps", "2"]
 FAULTY_GENERATE = Path(__file__).with_name("_faulty_generate.py")
+SLOW_START = Path(__file__).with_name("_slow_start.py")
 TIMEOUT_S = 150.0
 
 
@@ -86,6 +87,14 @@ def test_degrees_not_matching_the_world_size(tmp_path: Path) -> None:
     launch = torchrun(2, generate("--prompt", "x", "-o", str(tmp_path / "o"), "--parallel", "cfg=2,sp=2", *TINY_REQUEST), tmp_path)
     assert_every_rank_failed(launch, 2, "--parallel cfg=2,sp=2: cfg x sp = 2 x 2 = 4 processes, but the launch has 2")
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_peer_still_starting_when_a_rank_fails(tmp_path: Path) -> None:
+    """Rank 1 is still starting (no SIGTERM handler yet) when rank 0 refuses the plan: rank 0 waits for it
+    to count in before exiting, so torchrun's SIGTERM finds a rank that reports it (exit 2, not -15)."""
+    bad = generate("--prompt", "x", "-o", str(tmp_path / "o"), "--parallel", "cfg=2,sp=2", *TINY_REQUEST)
+    launch = torchrun(2, [str(SLOW_START), "1", "6", *bad[2:]], tmp_path)
+    assert_every_rank_failed(launch, 2, "--parallel cfg=2,sp=2: cfg x sp = 2 x 2 = 4 processes, but the launch has 2")
 
 
 def test_degree_not_dividing_the_heads(tmp_path: Path) -> None:
