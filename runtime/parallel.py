@@ -23,7 +23,9 @@ cannot block the others forever. A rank whose work raises writes ``rank: error``
 store (torchrun's agent hosts it, so it outlives any worker) before it exits; its exit closes its
 sockets, which fails the peers' pending collectives within moments (or torchrun's agent stops them
 with SIGTERM, which the CLI turns into :class:`LauncherStopped`). Every peer then reads the store and
-exits with a :class:`DistributedError` naming the failed rank (:meth:`ParallelContext.guard`).
+exits with a :class:`DistributedError` naming the failed rank (:meth:`ParallelContext.guard`). A rank
+that fails before the others have finished starting waits for them first (:class:`StartupBarrier`), so
+none is SIGTERMed before its handler exists.
 """
 
 from __future__ import annotations
