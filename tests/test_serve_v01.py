@@ -157,3 +157,32 @@ def test_request_mapping_in_process() -> None:
     for seconds, frames in (("4s", 102), (8, 204), ("32", 816)):
         assert parse_video_request({"prompt": "x", "seconds": seconds}, cfg).config.num_frames == frames
     assert parse_video_request({"prompt": "x", "mode": "t2av"}, cfg).config.mode is not None
+
+
+@pytest.mark.parametrize(
+    ("flags", "error", "message"),
+    [
+        (["--model", "javisdit-v0.1", "--tiny", "--t5-dir", "t5"], "ConfigError", "--tiny uses random weights"),
+        (["--model", "javisdit-v0.1", "--tiny", "--wan-dir", "wan"], "ConfigError", "JavisDiT++ flags"),
+        (["--model", "javisdit-v0.1", "--checkpoint", "jav"], "ConfigError", "--t5-dir and --audioldm2-dir"),
+        (["--tiny", "--prior", "p"], "ConfigError", "add --model javisdit-v0.1"),
+        (["--model", "javisdit-v0.1", "--tiny", "--backend", "onnxruntime"], "NotImplementedError", "eager torch"),
+    ],
+)  # fmt: skip
+def test_serve_flags_are_checked_before_loading(flags: list[str], error: str, message: str) -> None:
+    from javisrt.runtime import cli
+    from javisrt.runtime.serve.cli import serve_config
+
+    args = cli.build_parser().parse_args(["serve", *flags])
+    with pytest.raises(Exception) as raised:
+        serve_config(args)
+    assert type(raised.value).__name__ == error and message in str(raised.value)
+
+
+def test_serve_config_of_the_tiny_v01_server() -> None:
+    from javisrt.runtime import cli
+    from javisrt.runtime.serve.cli import serve_config
+
+    cfg = serve_config(cli.build_parser().parse_args(["serve", "--model", "javisdit-v0.1", "--tiny"]))
+    assert (cfg.family, cfg.model_name, cfg.min_frames) == ("javisdit-v0.1", V01_MODEL, 17)
+    assert cfg.sizes[:2] == ("64x64", "426x240") and "1280x720" in cfg.sizes  # the demo size, then the buckets

@@ -127,6 +127,11 @@ def serve_config(args: argparse.Namespace) -> Any:
     if args.tiny and any(getattr(args, flag) for flag in weights):
         given = ", ".join("--" + f.replace("_", "-") for f in weights if getattr(args, f))
         raise ConfigError(f"--tiny uses random weights; do not combine it with {given}")
+    if v01 and (args.wan_dir or args.config):
+        raise ConfigError("--wan-dir and --config are JavisDiT++ flags; javisdit-v0.1 reads --t5-dir, --vae-dir, ...")
+    if v01 and (args.backend != "torch" or args.engine_file or args.ops != "torch"):
+        raise NotImplementedError("javisdit-v0.1 is served on the eager torch engine with the torch op set only "
+                                  "(no compiled v0.1 graph, no triton op set for VASTDiT3 yet)")  # fmt: skip
     if not v01 and any(getattr(args, flag) for flag in V01_ONLY_FLAGS):
         raise ConfigError("--prior/--t5-dir/--imagebind/--vae-dir/--trained-gates are javisdit-v0.1 flags: add --model javisdit-v0.1")
     if not args.tiny and not v01 and not (args.checkpoint and args.wan_dir):
