@@ -186,3 +186,14 @@ def test_serve_config_of_the_tiny_v01_server() -> None:
     cfg = serve_config(cli.build_parser().parse_args(["serve", "--model", "javisdit-v0.1", "--tiny"]))
     assert (cfg.family, cfg.model_name, cfg.min_frames) == ("javisdit-v0.1", V01_MODEL, 17)
     assert cfg.sizes[:2] == ("64x64", "426x240") and "1280x720" in cfg.sizes  # the demo size, then the buckets
+
+
+def test_v01_min_frames_is_at_least_one_micro_frame() -> None:
+    from javisrt.engine.errors import ConfigError
+    from javisrt.runtime.serve.config import ServeConfig
+
+    with pytest.raises(ConfigError, match="17..816"):
+        ServeConfig(family="javisdit-v0.1", min_frames=16)
+    assert ServeConfig(family="javisdit-v0.1", min_frames=60).min_frames == 60
+    with pytest.raises(ConfigError, match="family"):
+        ServeConfig(family="javisdit-v2")

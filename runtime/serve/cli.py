@@ -102,7 +102,7 @@ def register(subparsers: Any) -> None:
     q.add_argument("--max-steps", type=int, default=200, help="largest num_inference_steps accepted (default 200)")
     q.add_argument("--min-frames", type=int,
                    help=f"smallest num_frames accepted: javisdit++ 4n+1 >= 17 (default {MIN_FRAMES}; seconds always map "
-                   f"to 33..81); javisdit-v0.1 >= 1 (default {V01_MIN_FRAMES}, one micro-frame)")  # fmt: skip
+                   f"to 33..81); javisdit-v0.1 >= {V01_MIN_FRAMES} (default {V01_MIN_FRAMES}, one micro-frame)")  # fmt: skip
     q.add_argument("--sizes", help="comma-separated WxH sizes served, the first is the default (default: every "
                    "resolution bucket of the model, 426x240 first; --tiny puts the demo's 64x64 before them)")  # fmt: skip
     q.add_argument("--shutdown-grace", type=float, default=30.0,

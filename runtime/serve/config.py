@@ -28,7 +28,7 @@ DEFAULT_SECONDS = 4
 DEFAULT_STEPS = 50  # the released sampler
 JAVISDIT = "javisdit++"
 JAVISDIT_V01 = "javisdit-v0.1"
-V01_MIN_FRAMES = 17  # one Open-Sora micro-frame
+V01_MIN_FRAMES = 17  # one Open-Sora micro-frame; fewer is refused (v01_latent_geometry says why)
 V01_MAX_FRAMES = 816  # NUM_FRAMES_MAP's longest name ("32s" / "16x")
 
 
@@ -106,8 +106,9 @@ class ServeConfig:
         if self.family not in MODELS:
             raise ConfigError(f"family must be one of {MODELS}, got {self.family!r}")
         if self.family == JAVISDIT_V01:
-            if not 1 <= self.min_frames <= V01_MAX_FRAMES:
-                raise ConfigError(f"min_frames must be in 1..{V01_MAX_FRAMES} for {JAVISDIT_V01}, got {self.min_frames}")
+            if not V01_MIN_FRAMES <= self.min_frames <= V01_MAX_FRAMES:
+                raise ConfigError(f"min_frames must be in {V01_MIN_FRAMES}..{V01_MAX_FRAMES} for {JAVISDIT_V01}, "
+                                  f"got {self.min_frames}")  # fmt: skip
         elif not 17 <= self.min_frames <= MAX_FRAMES or (self.min_frames - 1) % 4:
             raise ConfigError(f"min_frames must be 4n+1 in 17..{MAX_FRAMES}, got {self.min_frames}")
         if not self.sizes:
