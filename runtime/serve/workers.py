@@ -34,6 +34,7 @@ from javisrt.runtime.serve.metrics import ServeMetrics
 
 log = logging.getLogger(__name__)
 
+
 class ServedPipeline(Protocol):
     """What a worker needs of a pipeline; ``JavisPipeline`` and ``V01Pipeline`` both are one.
 
