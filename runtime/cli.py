@@ -160,21 +160,24 @@ def _add_weights(p: argparse.ArgumentParser) -> None:
 MODELS = ("javisdit++", "javisdit-v0.1")
 
 
-def _add_model(p: argparse.ArgumentParser) -> None:
+def add_model_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", choices=MODELS, default="javisdit++",
         help="which family: javisdit++ (Wan2.1-based, default) or javisdit-v0.1 (Open-Sora-based VASTDiT3 + ST-prior)",
     )  # fmt: skip
 
 
-def _add_v01_weights(p: argparse.ArgumentParser) -> None:
+def add_v01_weight_flags(p: argparse.ArgumentParser, *, num_frames: bool = True) -> None:
+    """The v0.1 component directories (``generate`` and ``serve``); ``num_frames``: also the clip length."""
     g = p.add_argument_group("JavisDiT v0.1 (--model javisdit-v0.1; --checkpoint and --audioldm2-dir as above)")
     g.add_argument("--prior", help="JavisDiT-v0.1-prior dir (config.json + model.safetensors); jav checkpoints")
     g.add_argument("--t5-dir", help="t5-v1_1-xxl dir: config.json, weights and tokenizer files")
     g.add_argument("--imagebind", help="imagebind_huge.pth (or its folder); only its text trunk is read; jav checkpoints")
     g.add_argument("--vae-dir", help="OpenSora-VAE-v1.2 dir (config.json + model.safetensors); jav checkpoints")
-    g.add_argument("--num-frames", default="4s",
-                   help="v0.1 clip length: 2s=51, 4s=102, 8s=204, 16s=408 (official names) or a multiple of 17 (default 4s)")
+    if num_frames:
+        g.add_argument("--num-frames", default="4s",
+                       help="v0.1 clip length: 2s=51, 4s=102, 8s=204, 16s=408, 32s=816 (official names) or a frame "
+                       "count at 24 fps (default 4s)")  # fmt: skip
     g.add_argument("--trained-gates", action="store_true",
                    help="load the checkpoint's trained video<->audio gates (the official inference leaves them at 0)")
 
@@ -211,7 +214,7 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
 def _add_request(p: argparse.ArgumentParser, *, frames: int, steps: int, seed: int) -> None:
     g = p.add_argument_group("request")
     g.add_argument("--frames", type=int, default=frames, help=f"frames at 16 fps, 4n+1 in 33..81 (default {frames})")
-    g.add_argument("--resolution", default="240p", help="bucket: 144p, 240p, 360p, 480p (default 240p)")
+    g.add_argument("--resolution", default="240p", help="bucket: 144p, 240p, 360p, 480p; javisdit-v0.1 also 720p (default 240p)")
     g.add_argument("--aspect-ratio", default="9:16", help="bucket H:W key, reference naming: 9:16 = landscape (default)")
     g.add_argument("--height", type=int, help="explicit height (with --width; overrides the bucket)")
     g.add_argument("--width", type=int, help="explicit width (with --height)")
@@ -251,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, help="sampling steps (default: 20 tiny, 50 with real weights)")
     demo.add_argument("--frames", type=int, help="frames, 4n+1 in 33..81 (default: 33 tiny, 65 with real weights)")
     demo.add_argument("--mode", choices=[m.value for m in GenerationMode], default="t2av", help="what to generate (default t2av)")
-    _add_model(demo)
+    add_model_flag(demo)
     _add_solver(demo)
     _add_weights(demo)
     _add_engine(demo)
@@ -277,9 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--dist-timeout", type=float, default=600.0, metavar="SECONDS",
         help="longest wait of a rank in a collective before it gives up with an error (default 600)",
     )  # fmt: skip
-    _add_model(gen)
+    add_model_flag(gen)
     _add_weights(gen)
-    _add_v01_weights(gen)
+    add_v01_weight_flags(gen)
     _add_engine(gen)
     _add_request(gen, frames=65, steps=50, seed=42)
     _add_output(gen)
@@ -376,42 +379,53 @@ def _num_heads(args: argparse.Namespace) -> int:
 
     return JavisConfig.from_name(TINY_PRESET if args.tiny else args.config or "javisdit-v1.0").num_heads
 def v01_generation_config(args: argparse.Namespace) -> Any:
-    """The v0.1 request for the flags (official defaults: 240x426, "4s", 30 steps, CFG 7, seed 42)."""
+    """The v0.1 request for the flags (official defaults: 240p 9:16 = 240x426, "4s", 30 steps, CFG 7, seed 42)."""
+    from javisrt.runtime.v01_generation import v01_image_size
     from javisrt.runtime.v01_pipeline import V01GenerationConfig, parse_num_frames
 
-    if (args.resolution, args.aspect_ratio) != ("240p", "9:16") and args.height is None:
-        raise NotImplementedError("v0.1 resolution buckets other than 240p 9:16 are not implemented; pass --height/--width")
     if args.audio_guidance is not None or args.negative_prompt is not None or args.solver is not None:
         raise ConfigError("javisdit-v0.1 has one CFG scale, no negative prompt (learned null caption) and the rflow loop: "
                           "drop --audio-guidance/--negative-prompt/--solver")
     if (args.height is None) != (args.width is None):
-        raise ConfigError("give both --height and --width, or neither (240x426)")
+        raise ConfigError("give both --height and --width, or neither (the --resolution/--aspect-ratio bucket)")
+    height, width = (args.height, args.width) if args.height is not None else v01_image_size(args.resolution, args.aspect_ratio)
     given = {k: v for k, v in (("steps", args.steps), ("guidance", args.guidance)) if v is not None}
-    return V01GenerationConfig(num_frames=parse_num_frames(args.num_frames), height=args.height or 240,
-                               width=args.width or 426, seed=args.seed, **given)
+    return V01GenerationConfig(num_frames=parse_num_frames(args.num_frames), height=height, width=width,
+                               seed=args.seed, **given)  # fmt: skip
 
 
-def _load_v01_pipeline(args: argparse.Namespace, tiny: bool) -> Any:
+def load_v01_pipeline(
+    args: argparse.Namespace, *, tiny: bool, device: Any, mode: GenerationMode | None = None, text_cache: Any = None
+) -> Any:
+    """The v0.1 pipeline of the weight flags (``generate`` and ``serve``); ``mode`` None: the checkpoint's
+    (tiny: t2av), else it must be the checkpoint's."""
     from javisrt.runtime.v01_demo import build_tiny_v01_pipeline
     from javisrt.runtime.v01_pipeline import V01Pipeline
 
-    audio_only = GenerationMode(args.mode) is GenerationMode.T2A
+    if args.backend != "torch" or args.engine_file or args.ops != "torch":
+        raise NotImplementedError("javisdit-v0.1 runs on the eager torch engine with the torch op set only "
+                                  "(no compiled v0.1 graph, no triton op set for VASTDiT3 yet)")  # fmt: skip
+    if args.wan_dir or args.config:
+        raise ConfigError("--wan-dir and --config are JavisDiT++ flags; javisdit-v0.1 reads --t5-dir, --vae-dir, ...")
+    if mode is GenerationMode.T2V:
+        raise ConfigError("javisdit-v0.1 has no video-only model: use --mode t2av (-jav) or t2a (-audio)")
     if tiny:
         if any((args.checkpoint, args.prior, args.t5_dir, args.imagebind, args.vae_dir, args.audioldm2_dir)):
             raise ConfigError("--tiny uses random weights; do not combine it with weight directories")
-        return build_tiny_v01_pipeline(audio_only=audio_only)
-    if args.backend != "torch" or args.engine_file:
-        raise NotImplementedError("javisdit-v0.1 runs on the torch engine only (no compiled v0.1 graph yet)")
+        if str(device) != "cpu":
+            raise ConfigError("the tiny v0.1 pipeline is built on the CPU; use --device cpu")
+        return build_tiny_v01_pipeline(audio_only=mode is GenerationMode.T2A, text_cache=text_cache)
     for flag, value in (("--checkpoint", args.checkpoint), ("--t5-dir", args.t5_dir), ("--audioldm2-dir", args.audioldm2_dir)):
         if not value:
             raise ConfigError(f"javisdit-v0.1 with real weights needs {flag} (or use --tiny)")
     pipe = V01Pipeline.from_pretrained(
         args.checkpoint, t5_dir=args.t5_dir, audioldm2_dir=args.audioldm2_dir, prior=args.prior,
-        imagebind=args.imagebind, vae_dir=args.vae_dir, device=args.device, trained_gates=args.trained_gates,
+        imagebind=args.imagebind, vae_dir=args.vae_dir, device=device, trained_gates=args.trained_gates,
+        text_cache=text_cache,
     )  # fmt: skip
-    if audio_only == pipe.has_video or GenerationMode(args.mode) is GenerationMode.T2V:
+    if mode is not None and mode is not pipe.mode:
         kind = "video+audio (t2av)" if pipe.has_video else "audio-only (t2a)"
-        raise ConfigError(f"--mode {args.mode} does not fit the {kind} checkpoint {args.checkpoint}")
+        raise ConfigError(f"--mode {mode.value} does not fit the {kind} checkpoint {args.checkpoint}")
     return pipe
 
 
@@ -419,8 +433,8 @@ def _generate_v01(args: argparse.Namespace, items: list[Any], out_dir: Path) -> 
     from dataclasses import replace
 
     config = v01_generation_config(args)
-    pipe = _load_v01_pipeline(args, args.tiny)
-    mode = GenerationMode.T2AV if pipe.has_video else GenerationMode.T2A
+    pipe = load_v01_pipeline(args, tiny=args.tiny, device=args.device, mode=GenerationMode(args.mode))
+    mode = pipe.mode
     for n, (i, item, path) in enumerate(items):
         bars = ProgressBars(args.quiet, label=f"[{n + 1}/{len(items)}]")
         try:

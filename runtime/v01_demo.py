@@ -21,7 +21,7 @@ from javisrt.runtime.demo import seeded, tiny_audio_vae, tiny_tokenizer, tiny_vo
 from javisrt.runtime.imagebind_text import ImageBindTextEncoder, random_imagebind_text
 from javisrt.runtime.opensora_vae import random_opensora_vae
 from javisrt.runtime.t5_text import v01_prompt
-from javisrt.runtime.text import TextEncoder
+from javisrt.runtime.text import PromptCache, TextEncoder
 from javisrt.runtime.v01_pipeline import V01GenerationConfig, V01Pipeline
 
 # The demo request: 17 frames (one micro-frame, 0.71 s at 24 fps) at 64 x 64.
@@ -40,13 +40,14 @@ def tiny_t5(seed: int = 0, d_model: int = 32) -> Any:  # transformers.T5EncoderM
     return model.eval().requires_grad_(False)
 
 
-def build_tiny_v01_pipeline(seed: int = 0, audio_only: bool = False) -> V01Pipeline:
-    """The v0.1 pipeline on the ``tiny`` presets with seeded random components (no files read)."""
+def build_tiny_v01_pipeline(seed: int = 0, audio_only: bool = False, text_cache: PromptCache | None = None) -> V01Pipeline:
+    """The v0.1 pipeline on the ``tiny`` presets with seeded random components (no files read);
+    ``text_cache`` is the prompt-embedding LRU to use (the server shares one between workers)."""
     cfg = V01Config.from_name("tiny-audio" if audio_only else "tiny")
     model = random_v01_model(cfg, Numerics.FP32, seed=seed)
     text = TextEncoder(
         tiny_tokenizer(cfg.model_max_length), tiny_t5(seed + 1, d_model=cfg.caption_channels),
-        identity=f"tiny-t5:seed={seed + 1}", text_len=cfg.model_max_length, preprocess=v01_prompt,
+        identity=f"tiny-t5:seed={seed + 1}", text_len=cfg.model_max_length, preprocess=v01_prompt, cache=text_cache,
     )
     audio = AudioDecoder(tiny_audio_vae(seed + 3), tiny_vocoder(seed + 4))
     if audio_only:

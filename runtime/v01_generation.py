@@ -40,7 +40,8 @@ from javisrt.engine.errors import ConfigError, ShapeError
 from javisrt.engine.st_prior import STPrior, STPriorEstimator, split_prior
 from javisrt.engine.v01_model import VASTDiT3
 from javisrt.runtime.engine import as_torch
-from javisrt.engine.latents import LatentGeometry, draw_noise, mel_frames
+from javisrt.engine.latents import ASPECT_RATIOS, BUCKETS, LatentGeometry, draw_noise, mel_frames
+from javisrt.runtime.opensora_vae import latent_frames
 from javisrt.runtime.sampling import SamplerConfig
 
 V01_STEPS = 30
@@ -55,18 +56,57 @@ AUDIO_LATENT_CHANNELS = 8
 AUDIO_LATENT_BINS = 16  # 64 mel bins / 4
 
 
+# Open-Sora 1.2's resolution buckets, (H, W) per H/W key: hpcaitech/Open-Sora
+# opensora/datasets/aspect.py @ 3b6d136d0a7c0941c35ff5edf26cee5c520eba04 (ASPECT_RATIO_144P .. _720P,
+# ASPECT_RATIO_MAP, get_image_size). 144p..480p are engine/latents.py's BUCKETS (the same table, which
+# JavisDiT++ also uses); v0.1's sample.py may also name 720p, added here.
+V01_BUCKETS: dict[str, dict[str, tuple[int, int]]] = {
+    **BUCKETS,
+    "720p": {
+        "0.38": (588, 1568), "0.43": (628, 1466), "0.48": (666, 1388), "0.50": (678, 1356),
+        "0.53": (698, 1318), "0.54": (706, 1306), "0.56": (720, 1280), "0.62": (758, 1212),
+        "0.67": (784, 1176), "0.75": (832, 1110), "1.00": (960, 960), "1.33": (1108, 832),
+        "1.50": (1176, 784), "1.78": (1280, 720), "1.89": (1320, 698), "2.00": (1358, 680),
+        "2.08": (1386, 666),
+    },
+}  # fmt: skip
+V01_RESOLUTIONS = tuple(V01_BUCKETS)  # 144p, 240p, 360p, 480p, 720p
+
+
+def v01_image_size(resolution: str = "240p", aspect_ratio: str = "9:16") -> tuple[int, int]:
+    """(H, W) of a bucket as Open-Sora's ``get_image_size(resolution, ar_ratio)`` looks it up: the ratio is
+    an ``ASPECT_RATIO_MAP`` name (H:W, "9:16" = landscape, H/W 0.56) or a raw key ("0.56").
+    ("240p", "9:16") -> (240, 426); ("720p", "1:1") -> (960, 960)."""
+    if resolution not in V01_BUCKETS:
+        raise ConfigError(f"unknown v0.1 resolution {resolution!r}; known: {list(V01_RESOLUTIONS)}")
+    key = ASPECT_RATIOS.get(aspect_ratio, aspect_ratio)
+    if key not in V01_BUCKETS[resolution]:
+        raise ConfigError(f"aspect ratio {aspect_ratio!r} not found for resolution {resolution}; known: {list(ASPECT_RATIOS)}")
+    return V01_BUCKETS[resolution][key]
+
+
 def v01_latent_geometry(num_frames: int = 102, height: int = 240, width: int = 426) -> LatentGeometry:
     """Shapes of a v0.1 request (v01-spec §2): 102 frames at 240x426 -> video [4, 30, 30, 53], audio [8, 112, 16].
 
-    Video: Open-Sora VAE v1.2, 17 frames -> 5 latent frames, H/8 and W/8 floored. Audio: ``F/24`` s,
-    ``int(s/0.01)`` mel frames padded to a multiple of 32, /4. Frame counts must be a multiple of 17
-    (the presets' "2s" = 51, "4s" = 102): the VAE's remainder rule is not implemented here.
+    Video: the Open-Sora VAE v1.2's ``get_latent_size`` (:func:`~javisrt.runtime.opensora_vae.latent_frames`):
+    17 frames -> 5 latent frames per micro-frame, a remainder ``r`` -> ``ceil(r / 4)`` more (60 -> 15 + 3);
+    H/8 and W/8 floored. Audio: ``F/24`` s, ``int(s/0.01)`` mel frames padded to a multiple of 32, /4;
+    the waveform is cut to ``int(F/24 · 16000)`` samples and the MP4 holds F frames at 24 fps.
+
+    Frame counts below 17 are refused (ConfigError): the reference's ``timestep_transform`` uses
+    ``F // 17 · 5`` latent frames for the shift, which is 0 for 2..16 frames (every timestep becomes 0,
+    nothing is denoised), and 1 frame is its image mode, which no v0.1 checkpoint was trained for.
     """
-    if num_frames <= 0 or num_frames % MICRO_FRAMES:
-        raise NotImplementedError(f"v0.1 frame counts must be a positive multiple of {MICRO_FRAMES}, got {num_frames}")
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int):
+        raise ConfigError(f"num_frames must be an int, got {num_frames!r}")
+    if num_frames < MICRO_FRAMES:
+        raise ConfigError(
+            f"v0.1 frame counts must be >= {MICRO_FRAMES} (one micro-frame), got {num_frames}: the reference's shift "
+            f"uses F // {MICRO_FRAMES} * {LATENT_FRAMES_PER_MICRO} latent frames, 0 below {MICRO_FRAMES}"
+        )
     if height < 16 or width < 16:
         raise ConfigError(f"height and width must be >= 16, got {height}x{width}")
-    t = num_frames // MICRO_FRAMES * LATENT_FRAMES_PER_MICRO
+    t = latent_frames(num_frames, MICRO_FRAMES)
     mel = mel_frames(num_frames, V01_FPS)
     video = (VIDEO_LATENT_CHANNELS, t, height // 8, width // 8)
     audio = (AUDIO_LATENT_CHANNELS, mel // 4, AUDIO_LATENT_BINS)

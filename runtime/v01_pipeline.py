@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from javisrt.engine.config import GenerationMode
 from javisrt.engine.errors import CheckpointError, ConfigError
 from javisrt.engine.model import Numerics
 from javisrt.engine.st_prior import STPriorEstimator
@@ -54,12 +55,14 @@ from javisrt.runtime.v01_generation import (
 
 log = logging.getLogger(__name__)
 
-# Open-Sora's NUM_FRAMES_MAP: the names the official configs use for clip lengths (all multiples of 17).
+# Open-Sora's NUM_FRAMES_MAP (opensora/datasets/aspect.py @ 3b6d136d): the names the official configs use
+# for clip lengths (all multiples of 17; "4s" = 102 frames = 4.25 s at 24 fps).
 NUM_FRAMES_MAP = {"1x": 51, "2x": 102, "4x": 204, "8x": 408, "16x": 816, "2s": 51, "4s": 102, "8s": 204, "16s": 408, "32s": 816}
 
 
 def parse_num_frames(value: str | int) -> int:
-    """``"4s"`` -> 102 (NUM_FRAMES_MAP), or a plain frame count (a multiple of 17)."""
+    """``"4s"`` -> 102 (NUM_FRAMES_MAP), or a plain frame count, as Open-Sora's ``get_num_frames``
+    (the geometry then checks it: >= 17, see ``v01_latent_geometry``)."""
     if isinstance(value, int):
         return value
     if value in NUM_FRAMES_MAP:
@@ -81,8 +84,16 @@ class V01GenerationConfig:
     guidance: float = V01_GUIDANCE
     seed: int = V01_SEED
     aesthetic_score: float | None = AESTHETIC_SCORE
+    mode: GenerationMode | None = None  # None: what the checkpoint does (t2av for -jav, t2a for -audio)
 
     def __post_init__(self) -> None:
+        if self.mode is not None:
+            try:
+                object.__setattr__(self, "mode", GenerationMode(self.mode))
+            except ValueError:
+                raise ConfigError(f"mode must be one of {[m.value for m in GenerationMode]}, got {self.mode!r}") from None
+            if self.mode is GenerationMode.T2V:
+                raise ConfigError("JavisDiT v0.1 has no video-only model: the modes are t2av (-jav) and t2a (-audio)")
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ConfigError(f"steps must be an int >= 1, got {self.steps!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
@@ -115,17 +126,9 @@ class V01Pipeline:
         if cfg.has_video:
             if prior is None or imagebind is None or video_vae is None:
                 raise ConfigError("a jav (video + audio) checkpoint needs the prior, the ImageBind text tower and the video VAE")
-            p = prior.cfg
-            if (p.spatial_token_num, p.temporal_token_num, p.out_dim) != (
-                cfg.spatial_prior_len, cfg.temporal_prior_len, cfg.st_prior_channel
-            ):
-                raise ConfigError(
-                    f"the prior gives {p.spatial_token_num}+{p.temporal_token_num} tokens of {p.out_dim}; the DiT takes "
-                    f"{cfg.spatial_prior_len}+{cfg.temporal_prior_len} of {cfg.st_prior_channel}"
-                )
-            width = imagebind.trunk.cfg.width  # (the estimator reads any number of text tokens)
-            if width != p.text_dim:
-                raise ConfigError(f"ImageBind gives width {width}; the prior reads text_dim {p.text_dim}")
+            for problem in (prior_misfit(model, prior), imagebind_misfit(prior, imagebind)):
+                if problem:
+                    raise ConfigError(problem)
         elif prior is not None or video_vae is not None:
             raise ConfigError("the audio-only checkpoint takes no prior and no video VAE")
         self.model, self.text_encoder, self.audio_decoder = model, text_encoder, audio_decoder
@@ -136,6 +139,17 @@ class V01Pipeline:
     @property
     def has_video(self) -> bool:
         return self.model.cfg.has_video
+
+    @property
+    def mode(self) -> GenerationMode:
+        """What the checkpoint generates: t2av (``-jav``) or t2a (``-audio``)."""
+        return GenerationMode.T2AV if self.has_video else GenerationMode.T2A
+
+    def check(self, config: V01GenerationConfig) -> None:
+        """Reject a request this pipeline cannot run (a mode other than the checkpoint's) before any work."""
+        if config.mode is not None and config.mode is not self.mode:
+            kind = "video+audio (t2av)" if self.has_video else "audio-only (t2a)"
+            raise ConfigError(f"mode {config.mode.value} does not fit the {kind} JavisDiT v0.1 checkpoint {self.name!r}")
 
     @classmethod
     def from_pretrained(
@@ -175,13 +189,23 @@ class V01Pipeline:
         missing = [flag for flag, value in (("prior", prior), ("imagebind", imagebind), ("vae_dir", vae_dir)) if value is None]
         if model.cfg.has_video and missing:
             raise CheckpointError(f"{checkpoint} is a video+audio (jav) checkpoint: also pass {', '.join(missing)}")
+        extra = [flag for flag, value in (("prior", prior), ("imagebind", imagebind), ("vae_dir", vae_dir)) if value is not None]
+        if not model.cfg.has_video and extra:
+            raise CheckpointError(f"{checkpoint} is an audio-only checkpoint: it takes no {', '.join(extra)}")
+        estimator = None
+        if model.cfg.has_video:  # the small prior first: a misfit fails before the big encoders load
+            assert prior is not None
+            estimator = load_st_prior(prior, numerics=numerics, device=device)
+            if problem := prior_misfit(model, estimator):
+                raise CheckpointError(f"the prior {prior} does not fit the DiT {checkpoint}: {problem}")
         text = load_t5_encoder(t5_dir, dtype=text_dtype, device=device, text_len=model.cfg.model_max_length, cache=text_cache)
         audio = AudioDecoder.from_pretrained(audioldm2_dir, device=device, dtype=decoder_dtype)
-        if not model.cfg.has_video:
+        if estimator is None:
             return cls(model, text, audio, device=device, name=str(checkpoint))
-        assert prior is not None and imagebind is not None and vae_dir is not None
-        estimator = load_st_prior(prior, numerics=numerics, device=device)
+        assert imagebind is not None and vae_dir is not None
         ib = ImageBindTextEncoder.from_pretrained(imagebind, config=imagebind_config, dtype=text_dtype, device=device)
+        if problem := imagebind_misfit(estimator, ib):
+            raise CheckpointError(f"the ImageBind text tower {imagebind} does not fit the prior {prior}: {problem}")
         vae = load_opensora_vae(vae_dir, dtype=decoder_dtype, device=device, spatial_config=vae_spatial_config,
                                 temporal_cfg=vae_temporal_config)
         return cls(model, text, audio, prior=estimator, imagebind=ib, video_vae=vae, device=device, name=str(checkpoint))
@@ -198,6 +222,7 @@ class V01Pipeline:
         config = config or V01GenerationConfig()
         if not isinstance(prompt, str) or not prompt.strip():
             raise ConfigError("the prompt is empty")
+        self.check(config)
         geo = v01_latent_geometry(config.num_frames, config.height, config.width)
         report = progress or (lambda stage, done, total: None)
         timings: dict[str, float] = {}
@@ -266,6 +291,22 @@ class V01Pipeline:
         )
 
     generate = __call__
+
+
+def prior_misfit(model: VASTDiT3, prior: STPriorEstimator) -> str | None:
+    """Why the prior's output does not fit the DiT's prior cross-attention (tokens, channels), or None."""
+    cfg, p = model.cfg, prior.cfg
+    got = (p.spatial_token_num, p.temporal_token_num, p.out_dim)
+    if got != (cfg.spatial_prior_len, cfg.temporal_prior_len, cfg.st_prior_channel):
+        return (f"the prior gives {p.spatial_token_num}+{p.temporal_token_num} tokens of {p.out_dim}; the DiT takes "
+                f"{cfg.spatial_prior_len}+{cfg.temporal_prior_len} of {cfg.st_prior_channel}")  # fmt: skip
+    return None
+
+
+def imagebind_misfit(prior: STPriorEstimator, imagebind: ImageBindTextEncoder) -> str | None:
+    """Why the ImageBind text width does not fit the prior's input, or None (it reads any token count)."""
+    width = imagebind.trunk.cfg.width
+    return None if width == prior.cfg.text_dim else f"ImageBind gives width {width}; the prior reads text_dim {prior.cfg.text_dim}"
 
 
 def check_dirs(**paths: str | os.PathLike[str] | None) -> None:

@@ -27,6 +27,15 @@ JOB_TIMEOUT_S = 120.0
 POLL_S = 0.05
 
 
+V01_MODEL = "javisrt-tiny-v0.1"
+
+
+def v01_serve_args(output_dir: Path, *extra: str) -> list[str]:
+    """The tiny JavisDiT v0.1 server: the same limits as :func:`serve_args`, v0.1's frame rules."""
+    return ["--model", "javisdit-v0.1", "--tiny", "--sizes", "32x32,64x64", "--max-steps", str(LONG_STEPS),
+            "--max-queue", str(MAX_QUEUE), "--output-dir", str(output_dir), *extra]  # fmt: skip
+
+
 def serve_args(output_dir: Path, *extra: str) -> list[str]:
     return ["--tiny", "--sizes", "32x32,64x64", "--min-frames", "17", "--max-steps", str(LONG_STEPS),
             "--max-queue", str(MAX_QUEUE), "--output-dir", str(output_dir), *extra]  # fmt: skip
@@ -66,12 +75,12 @@ def metric(http: httpx.Client, name: str, labels: str = "") -> float:
     return float(m.group(1))
 
 
-def assert_av_mp4(path: Path, num_frames: int) -> None:
+def assert_av_mp4(path: Path, num_frames: int, fps: int = FPS) -> None:
     """One H.264 and one AAC stream of equal length (as tests/test_media.py checks write_mp4)."""
     info = probe_mp4(path)
     assert (info.video_streams, info.audio_streams) == (1, 1)
     assert (info.video_codec, info.audio_codec) == ("h264", "aac")
-    assert info.num_frames == num_frames and info.fps == FPS
+    assert info.num_frames == num_frames and info.fps == fps
     with av.open(str(path)) as c:
         a, v = c.streams.audio[0], c.streams.video[0]
-        assert abs(float(a.duration * a.time_base) - float(v.duration * v.time_base)) <= 1 / FPS
+        assert abs(float(a.duration * a.time_base) - float(v.duration * v.time_base)) <= 1 / fps

@@ -183,9 +183,24 @@ def test_v01_demo_and_generate_tiny(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("flags", "size"),
+    [([], (240, 426)), (["--resolution", "720p"], (720, 1280)), (["--resolution", "144p", "--aspect-ratio", "1:1"],
+     (192, 192)), (["--aspect-ratio", "16:9"], (426, 240)), (["--height", "64", "--width", "96"], (64, 96))],
+)  # fmt: skip
+def test_v01_resolution_buckets(flags: list[str], size: tuple[int, int]) -> None:
+    """--resolution/--aspect-ratio pick Open-Sora 1.2's bucket (numbers as in tests/test_v01_generation.py)."""
+    args = cli.build_parser().parse_args(["generate", "--model", "javisdit-v0.1", "--prompt", "x", "--num-frames",
+                                          "60", *flags])  # fmt: skip
+    config = cli.v01_generation_config(args)
+    assert (config.height, config.width, config.num_frames) == (*size, 60)
+
+
+@pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--num-frames", "20", "--tiny"], "multiple of 17"),
+        (["--num-frames", "16", "--tiny"], ">= 17"),
+        (["--resolution", "1080p", "--tiny"], "unknown v0.1 resolution"),
+        (["--mode", "t2v", "--tiny"], "no video-only model"),
         (["--num-frames", "3s", "--tiny"], "unknown v0.1 frame count"),
         (["--negative-prompt", "x", "--tiny"], "no negative prompt"),
         (["--checkpoint", "/nonexistent/dit", "--t5-dir", "/x", "--audioldm2-dir", "/y"], "not found"),

@@ -42,7 +42,7 @@ def test_seconds_map_to_4n_plus_1_frames_and_num_frames_wins() -> None:
 def test_defaults_are_the_released_sampler_with_a_random_echoed_seed() -> None:
     a, b = (parse_video_request({"prompt": "x"}, CFG) for _ in range(2))
     assert (a.config.steps, a.config.guidance, a.config.num_frames) == (50, (5.0, 5.0), 65)
-    assert a.extensions()["seed"] != b.extensions()["seed"]  # 1 in 2^31 to collide
+    assert a.extensions["seed"] != b.extensions["seed"]  # 1 in 2^31 to collide
     c = parse_video_request({"prompt": "x", "guidance_scale": "3", "audio_guidance_scale": 2}, CFG)
     assert c.config.guidance == (3.0, 2.0)
 

@@ -8,16 +8,19 @@ import numpy as np
 import pytest
 import torch
 
+from javisrt.engine.errors import ConfigError
 from javisrt.engine.st_prior import random_st_prior
 from javisrt.engine.v01_config import STPriorConfig, V01Config
 from javisrt.engine.v01_model import random_v01_model
 from javisrt.runtime import sampling
+from javisrt.runtime.opensora_vae import random_opensora_vae
 from javisrt.runtime.v01_generation import (
     V01Denoiser,
     advance_step_draws,
     draw_v01_noise,
     null_prior,
     sample_prior,
+    v01_image_size,
     v01_latent_geometry,
     v01_sampler_config,
 )
@@ -75,8 +78,53 @@ def test_geometry_at_240p_4s() -> None:
     assert (g.mel_frames, g.num_samples, g.video_latent_frames) == (448, 68000, 30)
     tokens_v = 30 * math.ceil(30 / 2) * math.ceil(53 / 2)
     assert tokens_v == 12150 and 112 // 4 * 16 == 448
-    with pytest.raises(NotImplementedError):
-        v01_latent_geometry(100)
+
+
+@pytest.mark.parametrize("num_frames", [17, 20, 33, 34, 51, 60])
+def test_geometry_is_what_the_vae_makes_for_any_frame_count(num_frames: int) -> None:
+    """Frame counts off the micro-frame grid: the latent shape is what the (tiny) Open-Sora VAE's encode
+    gives, its decode gives the frames back, and audio, samples and the shift follow the reference."""
+    vae = random_opensora_vae(seed=1)
+    g = v01_latent_geometry(num_frames, 16, 24)
+    with torch.no_grad():
+        z = vae.encode(torch.rand(1, 3, num_frames, 16, 24) * 2 - 1)
+        assert tuple(z.shape[1:]) == g.video
+        assert vae.decode(z, num_frames).shape[2] == num_frames
+    # audio: F / 24 s -> int(s / 0.01) mel frames, up to a multiple of 32, / 4; waveform int(F / 24 * 16000)
+    seconds = num_frames / 24
+    assert g.mel_frames == math.ceil(int(seconds / 0.01) / 32) * 32 and g.audio == (8, g.mel_frames // 4, 16)
+    assert g.num_samples == int(seconds * 16000)
+    # shift: timestep_transform's F // 17 * 5 (the remainder does not count), on bf16 size tensors
+    h, w, f = (torch.tensor([v], dtype=torch.bfloat16) for v in (240.0, 426.0, float(num_frames)))
+    ratio = (h * w / (512 * 512)).sqrt() * ((f // 17 * 5) / 1).sqrt()
+    assert v01_sampler_config(240, 426, num_frames).shift == float(ratio)
+
+
+def test_frame_counts_below_one_micro_frame_are_refused() -> None:
+    for n in (1, 16):  # the reference's shift would be ratio 0 (2..16) or its untrained image mode (1)
+        with pytest.raises(ConfigError, match=">= 17"):
+            v01_latent_geometry(n)
+    with pytest.raises(ConfigError):
+        v01_latent_geometry(True)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("resolution", "ratio", "hw"),
+    [("240p", "9:16", (240, 426)), ("240p", "16:9", (426, 240)), ("144p", "3:8", (117, 312)),
+     ("360p", "2:1", (678, 340)), ("480p", "0.75", (554, 738)), ("720p", "1:1", (960, 960)),
+     ("720p", "9:16", (720, 1280)), ("720p", "50:27", (1386, 666))],
+)  # fmt: skip
+def test_buckets_are_open_soras_get_image_size(resolution: str, ratio: str, hw: tuple[int, int]) -> None:
+    """Numbers read from hpcaitech/Open-Sora opensora/datasets/aspect.py @ 3b6d136d0a7c0941c35ff5edf26cee5c520eba04
+    (ASPECT_RATIO_{144P,240P,360P,480P,720P}, ASPECT_RATIO_MAP; get_image_size accepts a map name or a raw key)."""
+    assert v01_image_size(resolution, ratio) == hw
+
+
+def test_unknown_buckets_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="resolution"):
+        v01_image_size("1080p", "9:16")
+    with pytest.raises(ConfigError, match="aspect ratio"):
+        v01_image_size("240p", "7:5")
 
 
 def test_seeded_draw_order_video_audio_then_prior_eps() -> None:

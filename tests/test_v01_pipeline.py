@@ -64,9 +64,24 @@ def test_frame_names() -> None:
         parse_num_frames("3s")
 
 
+def test_frame_count_off_the_micro_frame_grid(pipe: V01Pipeline, tmp_path: Path) -> None:
+    """20 frames = one micro-frame of 17 + a remainder of 3 (the VAE's remainder rule): the MP4 has all 20."""
+    result = pipe(PROMPT, V01GenerationConfig(num_frames=20, height=32, width=48, steps=2, seed=1))
+    assert result.frames is not None and result.frames.shape[0] == 20
+    assert result.waveform is not None and result.waveform.shape == (int(20 / 24 * 16000),)
+    info = probe_mp4(result.save(tmp_path / "20.mp4"))
+    assert info.num_frames == 20 and info.fps == 24
+
+
 def test_bad_requests(pipe: V01Pipeline) -> None:
-    with pytest.raises(NotImplementedError, match="multiple of 17"):
-        V01GenerationConfig(num_frames=20)
+    with pytest.raises(ConfigError, match=">= 17"):
+        V01GenerationConfig(num_frames=16)
+    with pytest.raises(ConfigError, match="no video-only model"):
+        V01GenerationConfig(num_frames=17, mode="t2v")
+    with pytest.raises(ConfigError, match="mode must be one of"):
+        V01GenerationConfig(num_frames=17, mode="i2v")
+    with pytest.raises(ConfigError, match="does not fit the video\\+audio"):
+        pipe(PROMPT, V01GenerationConfig(num_frames=17, height=32, width=48, steps=1, mode="t2a"))
     with pytest.raises(ConfigError, match="empty"):
         pipe("  ", REQUEST)
 
@@ -79,9 +94,38 @@ def test_prior_must_fit_the_dit(pipe: V01Pipeline) -> None:
         V01Pipeline(audio_only.model, pipe.text_encoder, pipe.audio_decoder, prior=pipe.prior)
 
 
-def test_missing_component_directories(tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match="checkpoint not found"):
-        V01Pipeline.from_pretrained(tmp_path / "dit", t5_dir=tmp_path, audioldm2_dir=tmp_path)
+@pytest.mark.parametrize(
+    ("missing", "named"),
+    [("checkpoint", "checkpoint"), ("t5_dir", "T5 directory"), ("audioldm2_dir", "AudioLDM2 directory"),
+     ("prior", "prior"), ("imagebind", "ImageBind checkpoint"), ("vae_dir", "video VAE directory")],
+)  # fmt: skip
+def test_missing_component_directories(tmp_path: Path, missing: str, named: str) -> None:
+    """Every component path is checked before anything is read; the error names the component."""
+    paths = {k: tmp_path for k in ("checkpoint", "t5_dir", "audioldm2_dir", "prior", "imagebind", "vae_dir")}
+    paths[missing] = tmp_path / "absent"
+    checkpoint = paths.pop("checkpoint")
+    with pytest.raises(CheckpointError, match=f"{named} not found: .*absent"):
+        V01Pipeline.from_pretrained(checkpoint, **paths)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("change", [{"out_dim": 6}, {"spatial_token_num": 5}, {"temporal_token_num": 2}])
+def test_a_prior_that_does_not_fit_the_dit_fails_at_load(pipe: V01Pipeline, tmp_path: Path,
+                                                          change: dict[str, int]) -> None:
+    """Tiny checkpoints written here: the tiny DiT and a prior whose output differs in one dimension. The
+    load stops with a CheckpointError before T5, AudioLDM2, ImageBind or the VAE are read (empty dirs)."""
+    import dataclasses
+
+    from javisrt.engine.st_prior import random_st_prior
+    from javisrt.engine.v01_checkpoint import save_pretrained
+
+    assert pipe.prior is not None
+    save_pretrained(pipe.model, tmp_path / "dit")
+    save_pretrained(random_st_prior(dataclasses.replace(pipe.prior.cfg, **change), seed=3), tmp_path / "prior")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match="does not fit the DiT"):
+        V01Pipeline.from_pretrained(tmp_path / "dit", t5_dir=empty, audioldm2_dir=empty, prior=tmp_path / "prior",
+                                    imagebind=empty, vae_dir=empty, numerics="fp32")  # fmt: skip
 
 
 def test_from_pretrained_reproduces_the_tiny_pipeline(pipe: V01Pipeline, reference: GenerationResult,

@@ -34,11 +34,10 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from javisrt.engine.latents import FPS, MAX_FRAMES
-from javisrt.runtime.serve.config import SECONDS_RANGE, ServeConfig
+from javisrt.runtime.serve.config import JAVISDIT_V01, ServeConfig
 from javisrt.runtime.serve.errors import APIError, invalid, not_found, too_large, unauthorized, unavailable
 from javisrt.runtime.serve.jobs import Job, JobStatus, JobStore, valid_id
-from javisrt.runtime.serve.request import FIELDS, parse_video_request
+from javisrt.runtime.serve.request import FIELDS, frame_limits, parse_video_request, seconds_choices
 from javisrt.runtime.serve.workers import PipelineFactory, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -88,10 +87,12 @@ def playground_page(cfg: ServeConfig) -> str:
     settings = {
         "model": cfg.model_name,
         "sizes": list(cfg.sizes),
-        "seconds": list(range(SECONDS_RANGE[0], SECONDS_RANGE[1] + 1)),
+        "seconds": list(seconds_choices(cfg)),
         "max_steps": cfg.max_steps,
-        "min_frames": cfg.min_frames,
-        "max_frames": MAX_FRAMES,
+        "min_frames": frame_limits(cfg)[0],
+        "max_frames": frame_limits(cfg)[1],
+        "frame_step": 1 if cfg.family == JAVISDIT_V01 else 4,
+        "frame_rule": f"{frame_limits(cfg)[2]} fps" if cfg.family == JAVISDIT_V01 else "4n+1",
         "auth": cfg.api_key is not None,
     }
     blob = json.dumps(settings).replace("<", "\\u003c")  # cannot close the <script> it sits in
@@ -264,10 +265,11 @@ def create_app(cfg: ServeConfig, factory: PipelineFactory) -> FastAPI:
 
     @app.get("/v1/models", dependencies=auth)
     async def models() -> dict[str, Any]:
+        lo, hi, fps = frame_limits(cfg)
         return {"object": "list", "data": [{
-            "id": cfg.model_name, "object": "model", "created": started, "owned_by": "javisrt",
-            "sizes": list(cfg.sizes), "seconds": [str(s) for s in range(SECONDS_RANGE[0], SECONDS_RANGE[1] + 1)],
-            "num_frames": {"min": cfg.min_frames, "max": MAX_FRAMES, "fps": FPS}, "max_steps": cfg.max_steps,
+            "id": cfg.model_name, "object": "model", "created": started, "owned_by": "javisrt", "family": cfg.family,
+            "sizes": list(cfg.sizes), "seconds": [str(s) for s in seconds_choices(cfg)],
+            "num_frames": {"min": lo, "max": hi, "fps": fps}, "max_steps": cfg.max_steps,
         }]}  # fmt: skip
 
     @app.post("/v1/videos", dependencies=auth)

@@ -2,6 +2,9 @@
 
 The CLI builds it from flags; the app, the request parser and the workers only read it.
 
+``family`` names the served network (``javisdit++`` or ``javisdit-v0.1``, the CLI's ``--model``): it
+picks the request mapping (request.py) and the frame-count rules; everything else is shared.
+
 Sizes are OpenAI's ``"WxH"`` strings. By default every resolution bucket of latents.py is served
 (``426x240`` = the 240p 9:16 bucket, the released default, comes first and is the default size);
 ``--sizes`` replaces the list (the first one becomes the default), e.g. small sizes for the tiny
@@ -23,6 +26,10 @@ DEFAULT_SIZE = "426x240"  # 240p, H:W 9:16 in the reference's naming: the releas
 SECONDS_RANGE = (2, 5)  # OpenAI ``seconds`` -> 16 s + 1 frames: 33, 49, 65, 81
 DEFAULT_SECONDS = 4
 DEFAULT_STEPS = 50  # the released sampler
+JAVISDIT = "javisdit++"
+JAVISDIT_V01 = "javisdit-v0.1"
+V01_MIN_FRAMES = 17  # one Open-Sora micro-frame; fewer is refused (v01_latent_geometry says why)
+V01_MAX_FRAMES = 816  # NUM_FRAMES_MAP's longest name ("32s" / "16x")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -44,6 +51,15 @@ def bucket_sizes() -> tuple[str, ...]:
     return (DEFAULT_SIZE, *dict.fromkeys(s for s in sizes if s != DEFAULT_SIZE))
 
 
+def v01_bucket_sizes() -> tuple[str, ...]:
+    """JavisDiT v0.1's buckets (Open-Sora 1.2's table, 144p..720p) as ``"WxH"``, 426x240 first; odd-sided
+    ones are left out as in :func:`bucket_sizes` (``parse_size`` takes even sizes)."""
+    from javisrt.runtime.v01_generation import V01_BUCKETS
+
+    sizes = [f"{w}x{h}" for res in V01_BUCKETS.values() for (h, w) in res.values() if h % 2 == 0 and w % 2 == 0]
+    return (DEFAULT_SIZE, *dict.fromkeys(s for s in sizes if s != DEFAULT_SIZE))
+
+
 def frames_for_seconds(seconds: int) -> int:
     """OpenAI ``seconds`` -> frames at 16 fps, 4n+1: 2 -> 33 ... 5 -> 81."""
     return seconds * FPS + 1
@@ -54,6 +70,7 @@ class ServeConfig:
     """Server-wide settings. Times in seconds, sizes in bytes / characters."""
 
     model_name: str = "javisrt"
+    family: str = JAVISDIT  # javisdit++ | javisdit-v0.1 (runtime/cli.py MODELS)
     devices: tuple[str, ...] = ("cpu",)
     output_dir: Path = Path("javisrt-videos")
     max_queue: int = 16  # requests waiting (not counting the ones running)
@@ -84,7 +101,15 @@ class ServeConfig:
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("the API key is empty")
-        if not 17 <= self.min_frames <= MAX_FRAMES or (self.min_frames - 1) % 4:
+        from javisrt.runtime.cli import MODELS  # the CLI's --model choices (light module: no torch)
+
+        if self.family not in MODELS:
+            raise ConfigError(f"family must be one of {MODELS}, got {self.family!r}")
+        if self.family == JAVISDIT_V01:
+            if not V01_MIN_FRAMES <= self.min_frames <= V01_MAX_FRAMES:
+                raise ConfigError(f"min_frames must be in {V01_MIN_FRAMES}..{V01_MAX_FRAMES} for {JAVISDIT_V01}, "
+                                  f"got {self.min_frames}")  # fmt: skip
+        elif not 17 <= self.min_frames <= MAX_FRAMES or (self.min_frames - 1) % 4:
             raise ConfigError(f"min_frames must be 4n+1 in 17..{MAX_FRAMES}, got {self.min_frames}")
         if not self.sizes:
             raise ConfigError("give at least one size")

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from javisrt.runtime.pipeline import GenerationConfig
+from javisrt.runtime.v01_pipeline import V01GenerationConfig
 from javisrt.runtime.serve.request import VideoRequest
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ class Job:
     seconds: str
     size: str
     extensions: dict[str, Any]
-    config: GenerationConfig | None
+    config: GenerationConfig | V01GenerationConfig | None
     created_at: float
     sync: bool = False  # POST /v1/videos/sync: removed once its bytes are sent
     status: JobStatus = JobStatus.QUEUED
@@ -91,7 +92,7 @@ class Job:
     def create(cls, request: VideoRequest, sync: bool = False) -> Job:
         return cls(
             id=new_id(), prompt=request.prompt, model=request.model, seconds=request.seconds, size=request.size,
-            extensions=request.extensions(), config=request.config, created_at=time.time(), sync=sync,
+            extensions=dict(request.extensions), config=request.config, created_at=time.time(), sync=sync,
         )  # fmt: skip
 
     def add_timings(self, **seconds: float) -> None:

@@ -9,6 +9,9 @@ Cancellation: a queued job leaves the queue at once; a running one has its ``can
 which the C++ sampling loop polls before every step, so it stops at the next step boundary and the
 worker takes the next job. A cancel that lands during decode discards the result.
 
+The pipeline is whatever the served family loads (:class:`ServedPipeline`: JavisPipeline for
+javisdit++, V01Pipeline for javisdit-v0.1); the queue, progress, cancellation and metrics are the same.
+
 Shutdown (SIGTERM): stop taking jobs, fail the queued ones (``server_shutdown``), give the running
 ones ``shutdown_grace_s`` to finish, then cancel them; every job ends final.
 """
@@ -19,10 +22,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from javisrt.engine.errors import ConfigError, JavisError
-from javisrt.runtime.pipeline import GenerationCancelled, GenerationConfig, JavisPipeline
+from javisrt.runtime.pipeline import GenerationCancelled, GenerationConfig, GenerationResult, Progress
+from javisrt.runtime.v01_pipeline import V01GenerationConfig
 from javisrt.runtime.serve.config import ServeConfig
 from javisrt.runtime.serve.errors import invalid, queue_full, unavailable
 from javisrt.runtime.serve.jobs import Job, JobQueue, JobStatus, JobStore, QueueClosed, QueueFull
@@ -30,8 +34,25 @@ from javisrt.runtime.serve.metrics import ServeMetrics
 
 log = logging.getLogger(__name__)
 
-PipelineFactory = Callable[[str], JavisPipeline]
-"""``factory(device) -> JavisPipeline``, called once in each worker's own thread."""
+
+class ServedPipeline(Protocol):
+    """What a worker needs of a pipeline; ``JavisPipeline`` and ``V01Pipeline`` both are one.
+
+    ``check(config)`` raises ConfigError for a request the loaded checkpoint cannot run (before it is
+    queued); a call reports ``progress(stage, done, total)`` (stage "denoise" once per step), polls
+    ``cancel()`` before every step and raises GenerationCancelled when it returns True."""
+
+    name: str
+
+    def check(self, config: Any) -> object: ...
+
+    def __call__(
+        self, prompt: str, config: Any, *, progress: Progress | None = None, cancel: Callable[[], bool] | None = None
+    ) -> GenerationResult: ...
+
+
+PipelineFactory = Callable[[str], ServedPipeline]
+"""``factory(device) -> ServedPipeline``, called once in each worker's own thread."""
 
 POLL_S = 0.25  # how often an idle worker looks at the stop flag
 
@@ -46,7 +67,7 @@ class WorkerPool:
                                     ready=lambda: len(self._pipelines))  # fmt: skip
         self.store.on_final = self._on_final
         self._running: dict[str, Job] = {}
-        self._pipelines: list[JavisPipeline] = []
+        self._pipelines: list[ServedPipeline] = []
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         # Pipelines are built one at a time: transformers' lazy imports are not thread-safe (two
@@ -107,7 +128,7 @@ class WorkerPool:
             job.cancel.set()
 
     # ---- requests -------------------------------------------------------------------------------
-    def check(self, config: GenerationConfig) -> None:
+    def check(self, config: GenerationConfig | V01GenerationConfig) -> None:
         """Reject what the loaded pipeline cannot do (e.g. t2av on a t2v checkpoint) before queueing."""
         with self._lock:
             pipe = self._pipelines[0] if self._pipelines else None
@@ -179,7 +200,7 @@ class WorkerPool:
             self._finish_cancelled(job)
         return start
 
-    def _run(self, pipe: JavisPipeline, job: Job, name: str) -> None:
+    def _run(self, pipe: ServedPipeline, job: Job, name: str) -> None:
         if not self._start(job, name):
             return
         assert job.config is not None
