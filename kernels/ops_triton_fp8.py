@@ -120,8 +120,8 @@ class TritonFp8Ops(TritonOps):
     :meth:`prepare`. ``layer`` is the attention module bound by :meth:`for_layer`."""
 
     name: str = "triton-fp8"
-    plan: Fp8Plan | None = None
-    layer: nn.Module | None = None
+    plan: Fp8Plan | None = field(default=None, repr=False)
+    layer: nn.Module | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.plan is None:
