@@ -50,7 +50,8 @@ __all__ = [
 ]
 
 ATTENTION_LINEARS = ("q", "k", "v", "o")  # the quantized Linears of every self- and cross-attention
-EXPERT_LINEARS = (0, 2)  # the two Linears of an FFN expert (nn.Sequential: Linear, GELU, Linear)
+EXPERT_LINEARS = (0, 2)
+MIN_HEAD_DIM = 64  # kernels/rope_attention.rope_attention_fp8's limit  # the two Linears of an FFN expert (nn.Sequential: Linear, GELU, Linear)
 
 
 def linear_scale_keys(name: str) -> tuple[str, str]:
@@ -137,6 +138,10 @@ class TritonFp8Ops(TritonOps):
         per-tensor fp32 scales keyed as :func:`linear_scale_keys` / :func:`attention_scale_keys` by the
         model's module names (``blocks.3.self_attn.q``). Every quantized layer must have its scales."""
         from javisrt.engine.model import Block, SelfAttention  # CrossAttention derives from SelfAttention
+
+        head_dim = getattr(getattr(model, "cfg", None), "head_dim", None)
+        if head_dim is not None and head_dim < MIN_HEAD_DIM:
+            raise ConfigError(f"triton-fp8: head_dim {head_dim} < {MIN_HEAD_DIM} (the e4m3 QK^T dots have depth head_dim/2)")
 
         linears: dict[nn.Module, Fp8Linear] = {}
         attention: dict[nn.Module, torch.Tensor] = {}
