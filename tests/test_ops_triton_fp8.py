@@ -189,3 +189,36 @@ def test_sidecar_round_trip_and_errors(calibrated, tmp_path: Path) -> None:  # t
         Fp8Scales.load(path, JavisConfig.from_name("tiny", num_heads=1, num_layers=3))
     with pytest.raises(ConfigError, match="javisrt export"):
         Fp8Scales.load(tmp_path / "missing.safetensors", cfg)
+
+
+def test_export_cli_sidecar_then_engine_from_checkpoint(tmp_path: Path) -> None:
+    """``javisrt export --checkpoint CKPT --fp8-scales`` writes the sidecar next to the checkpoint; the torch
+    engine with ``ops="triton-fp8"`` finds it there and samples; without it the error names the command."""
+    import argparse
+
+    from javisrt.engine.checkpoint import save_model
+    from javisrt.runtime import export_cli
+    from javisrt.runtime.backends import create_engine
+    from javisrt.runtime.calibration import calibration_sampler, sample_trajectory
+
+    cfg = fp8_config()
+    ckpt = save_model(init_weights(build_model(cfg), torch.Generator().manual_seed(1)), tmp_path / "m.safetensors")
+    parser = argparse.ArgumentParser(prog="javisrt")
+    export_cli.register(parser.add_subparsers(dest="command"))
+    with pytest.raises(ConfigError, match="javisrt export --checkpoint CKPT --fp8-scales"):
+        create_engine("torch", checkpoint=ckpt, ops="triton-fp8", numerics="fp32")
+    args = parser.parse_args(["export", "--checkpoint", str(ckpt), "--fp8-scales", "--calib-shape", "33,32,48",
+                              "--calib-steps", "2", "--calib-num-prompts", "1"])  # fmt: skip
+    assert export_cli.run(args) == 0
+    assert default_path(ckpt).is_file()
+    with pytest.raises(ConfigError, match="--fp8-scales applies"):
+        create_engine("torch", checkpoint=ckpt, ops="triton", fp8_scales=default_path(ckpt))
+    engine = create_engine("torch", checkpoint=ckpt, ops="triton-fp8", numerics="fp32")
+    assert engine.model.ops.name == "triton-fp8"
+    g = torch.Generator().manual_seed(2)
+    video, audio = torch.randn(1, 16, 2, 4, 6, generator=g), torch.randn(1, 8, 6, 16, generator=g)
+    cond, uncond = (torch.randn(1, cfg.text_len, cfg.text_dim, generator=g) for _ in range(2))
+    dims = {"video_frames": 2, "video_height": 4, "video_width": 6, "audio_frames": 6}
+    out = sample_trajectory(engine, video, audio, cond, uncond, calibration_sampler(dims, 2, 5.0, True))
+    assert [tuple(o.shape) for o in out] == [tuple(video.shape), tuple(audio.shape)]
+    assert all(bool(torch.isfinite(o).all()) for o in out)
