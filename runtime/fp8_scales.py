@@ -12,23 +12,26 @@ the model's weights into the op set.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from javisrt.engine.atomic_file import atomic_file
 from javisrt.engine.config import JavisConfig
 from javisrt.engine.errors import CheckpointError, ConfigError
-from javisrt.engine.model import Block, SelfAttention
+from javisrt.engine.model import Block, JavisDiT, SelfAttention
+from javisrt.engine.ops import Expert, Modulation, TorchOps, apply_rope_ref, attention_ref, modality_ffn_ref
 from javisrt.export.module import ExportableDiT
 from javisrt.export.op_sets import MHA_SLOTS
 from javisrt.kernels.fp8 import FP8_MAX
@@ -36,7 +39,17 @@ from javisrt.kernels.ops_triton_fp8 import ATTENTION_LINEARS, EXPERT_LINEARS, at
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "SUFFIX", "Fp8Scales", "config_hash", "default_path", "scales_from_calibration"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "SUFFIX",
+    "AmaxObserverOps",
+    "Fp8Scales",
+    "config_hash",
+    "default_path",
+    "scales_from_calibration",
+    "scales_from_forward",
+]
 
 FORMAT = "javisrt-fp8-scales"
 FORMAT_VERSION = "1"
@@ -150,3 +163,71 @@ def describe_calibration(num_prompts: int, steps: int, shapes: object, random_em
     return json.dumps({"method": "modelopt max calibration along CFG Euler sampling trajectories",
                        "prompts": num_prompts, "steps": steps, "shapes": shapes,
                        "embeddings": "random stand-in embeddings" if random_embeddings else "text encoder"})  # fmt: skip
+
+
+# ---- a quick stand-in: amax of plain forwards, without modelopt ---------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class AmaxObserverOps(TorchOps):
+    """The torch reference, recording the running amax of every tensor the ``triton-fp8`` op set
+    quantizes, under the sidecar's keys: each quantized Linear's input and weight, the rotated q and k and
+    the v of each attention. For machines without modelopt (the GPU proof): "max" calibration of the same
+    tensors over whatever forwards run, not along a sampling trajectory unless the caller samples."""
+
+    name: str = "amax-observer"
+    names: Mapping[nn.Module, str] = field(default_factory=dict, repr=False)
+    amax: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    layer: str | None = None
+
+    def _record(self, key: str, x: torch.Tensor) -> None:
+        value = x.detach().abs().amax().float()
+        self.amax[key] = torch.maximum(self.amax[key], value) if key in self.amax else value
+
+    def for_layer(self, module: nn.Module) -> AmaxObserverOps:
+        return dataclasses.replace(self, layer=self.names[module])
+
+    def linear(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        key_in, key_w = linear_scale_keys(self.names[layer])
+        self._record(key_in, x)
+        self._record(key_w, layer.weight)
+        return layer(x)  # type: ignore[no-any-return]
+
+    def attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> torch.Tensor:
+        assert self.layer is not None, "the model binds its attention layer first (ops.for_layer)"
+        qr, kr = (q, k) if rope is None else (apply_rope_ref(q, *rope), apply_rope_ref(k, *rope))
+        for key, t in zip(attention_scale_keys(self.layer), (qr, kr, v), strict=True):
+            self._record(key, t)
+        return attention_ref(q, k, v, rope)
+
+    def modality_ffn(
+        self, x: torch.Tensor, num_video_tokens: int, video: Expert | None, audio: Expert | None,
+        video_mod: Modulation | None, audio_mod: Modulation | None, eps: float,
+    ) -> torch.Tensor:  # fmt: skip
+        return modality_ffn_ref(x, num_video_tokens, self._observed(video), self._observed(audio), video_mod, audio_mod, eps)
+
+    def _observed(self, expert: Expert | None) -> Expert | None:
+        """The expert's own modules, its two Linears through :meth:`linear` (recorded)."""
+        if expert is None:
+            return None
+        up, act, down = expert[0], expert[1], expert[2]  # type: ignore[index]
+        return lambda a: self.linear(down, act(self.linear(up, a)))
+
+
+def scales_from_forward(model: JavisDiT, run: Callable[[], None], calibration: str) -> Fp8Scales:
+    """Scales from the amax of whatever forwards ``run()`` makes ``model`` do (its op set is the observer
+    meanwhile, then put back): ``amax / 448`` per tensor, the keys of :func:`scales_from_calibration`."""
+    observer = AmaxObserverOps(names={m: n for n, m in model.named_modules()})
+    own = model.ops
+    model.set_ops(observer)
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        model.set_ops(own)
+    if not observer.amax:
+        raise ConfigError("FP8 scales: the calibration run made no forward")
+    scales = {k: (v / FP8_MAX).clamp_min(1e-12).cpu() for k, v in observer.amax.items()}
+    return Fp8Scales(scales, model.cfg.name, config_hash(model.cfg), calibration)

@@ -222,3 +222,27 @@ def test_export_cli_sidecar_then_engine_from_checkpoint(tmp_path: Path) -> None:
     out = sample_trajectory(engine, video, audio, cond, uncond, calibration_sampler(dims, 2, 5.0, True))
     assert [tuple(o.shape) for o in out] == [tuple(video.shape), tuple(audio.shape)]
     assert all(bool(torch.isfinite(o).all()) for o in out)
+
+
+def test_one_forward_amax_equals_modelopt_calibration(calibrated) -> None:  # type: ignore[no-untyped-def]
+    """The modelopt-free stand-in (GPU proof): amax observed on the same trajectories gives the same scales
+    as modelopt's max calibration, up to the fp32 differences of the two attention spellings."""
+    from javisrt.runtime.backends.torch_engine import TorchEngine
+    from javisrt.runtime.calibration import sample_trajectory
+    from javisrt.runtime.fp8_scales import scales_from_forward
+
+    plain, _, scales, contract = calibrated
+    model = copy.deepcopy(plain)
+    calib = CalibrationSet.random(contract, [SHAPE], num_prompts=2, steps=4)
+    engine = TorchEngine(model)
+    engine.load()
+
+    def run() -> None:
+        for video, audio, prompt, config, _ in calib.trajectories():
+            sample_trajectory(engine, video, audio, prompt, calib.negative, config)
+
+    observed = scales_from_forward(model, run, "test").scales
+    assert observed.keys() == scales.scales.keys()
+    worst = max(abs(float(observed[k]) / float(scales.scales[k]) - 1) for k in observed)
+    print(f"one-forward amax vs modelopt: worst relative scale difference {worst:.2e}")
+    assert worst < 1e-4
