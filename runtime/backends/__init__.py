@@ -21,7 +21,7 @@ file's metadata: no eager model is built for them. Their runtimes are imported o
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -29,6 +29,9 @@ from javisrt.engine.config import GenerationMode, JavisConfig
 from javisrt.engine.errors import ConfigError, UnavailableError
 from javisrt.engine.model import JavisDiT, Numerics
 from javisrt.runtime.engine import Engine
+
+if TYPE_CHECKING:
+    from javisrt.runtime.fp8_scales import Fp8Scales
 
 __all__ = ["ENGINES", "create_engine"]
 
@@ -48,7 +51,7 @@ def create_engine(
     numerics: Numerics | str | None = None,
     cuda_graphs: bool = False,
     parallel: Any = None,
-    fp8_scales: str | os.PathLike[str] | None = None,
+    fp8_scales: str | os.PathLike[str] | Fp8Scales | None = None,
     **options: Any,
 ) -> Engine:
     """The engine ``name``, loaded and ready.
@@ -58,7 +61,7 @@ def create_engine(
     every modality of the network), ``ops``, ``cuda_graphs``, ``parallel`` (a ParallelContext of a
     --parallel launch), ``fp8_scales`` (ops triton-fp8 only: the scales sidecar, default
     ``<checkpoint>.fp8-scales.safetensors``; a missing one is a ConfigError naming the command that makes
-    it). onnxruntime / tensorrt: ``engine_file``;
+    it; or the loaded :class:`~javisrt.runtime.fp8_scales.Fp8Scales`). onnxruntime / tensorrt: ``engine_file``;
     ``options`` go to the engine's constructor (e.g. ``intra_op_threads``, ``refit_onnx``). A mode the
     compiled file was not exported for is refused by the caller through ``engine.contract.mode``.
     """
@@ -83,12 +86,17 @@ def create_engine(
 
         scales = None
         if ops == FP8_OPS:
-            from javisrt.runtime.fp8_scales import Fp8Scales, default_path
+            from javisrt.runtime.fp8_scales import Fp8Scales, config_hash, default_path
 
             if fp8_scales is None and checkpoint is None:
                 raise ConfigError(f"--ops {FP8_OPS} on a model without a checkpoint needs --fp8-scales PATH")
-            path = fp8_scales if fp8_scales is not None else default_path(checkpoint)  # type: ignore[arg-type]
-            scales = Fp8Scales.load(path, model.cfg).scales
+            if isinstance(fp8_scales, Fp8Scales):
+                if fp8_scales.config_hash != config_hash(model.cfg):
+                    raise ConfigError(f"the FP8 scales were made for config {fp8_scales.config_name!r}, not {model.cfg.name!r}")
+                scales = fp8_scales.scales
+            else:
+                path = fp8_scales if fp8_scales is not None else default_path(checkpoint)  # type: ignore[arg-type]
+                scales = Fp8Scales.load(path, model.cfg).scales
         elif fp8_scales is not None:
             raise ConfigError(f"--fp8-scales applies to --ops {FP8_OPS}, not --ops {ops}")
         engine: Engine = TorchEngine(
