@@ -97,8 +97,7 @@ def calibrate(model: JavisDiT, calib: CalibrationSet, how: str, numerics: str) -
 
     def run() -> None:
         for video, audio, prompt, config, _ in calib.trajectories():
-            sample_trajectory(engine, *(t.to(engine.device) if t is not None else None for t in (video, audio, prompt)),
-                              calib.negative.to(engine.device), config)  # fmt: skip
+            sample_trajectory(engine, video, audio, prompt, calib.negative, config)
 
     return scales_from_forward(model, run, what.replace("modelopt max calibration", "amax of plain forwards"))
 
