@@ -246,3 +246,14 @@ def test_one_forward_amax_equals_modelopt_calibration(calibrated) -> None:  # ty
     worst = max(abs(float(observed[k]) / float(scales.scales[k]) - 1) for k in observed)
     print(f"one-forward amax vs modelopt: worst relative scale difference {worst:.2e}")
     assert worst < 1e-4
+
+
+def test_generate_tiny_triton_fp8_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``generate --tiny --ops triton-fp8``: one typed error line (head_dim 32 < 64), no traceback."""
+    from javisrt.runtime import cli
+
+    argv = ["generate", "--tiny", "--prompt", "x", "--ops", "triton-fp8", "--steps", "1", "--quiet",
+            "--output-dir", str(tmp_path)]  # fmt: skip
+    assert cli.main(argv) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "head_dim 32" in err and err.count("\n") <= 3, err
