@@ -34,7 +34,7 @@ from torch import nn
 
 from javisrt.engine.errors import ConfigError
 from javisrt.engine.ops import Expert, Modulation, OpSet
-from javisrt.kernels.fp8 import to_e4m3
+from javisrt.kernels.fp8 import quantize_e4m3, to_e4m3
 from javisrt.kernels.modality_ffn import FP8FFNWeights, modality_ffn_fp8
 from javisrt.kernels.ops_triton import TritonOps
 from javisrt.kernels.rope_attention import rope_attention_fp8
@@ -74,13 +74,14 @@ class Fp8Linear:
 
 
 def scaled_mm_linear(x: torch.Tensor, fp8: Fp8Linear, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ W^T + b`` with x quantized to e4m3 by its static scale, through ``torch._scaled_mm``.
+    """``x @ W^T + b`` with x quantized to e4m3 by its static scale (:func:`~javisrt.kernels.fp8.quantize_e4m3`,
+    one fused launch), through ``torch._scaled_mm``.
 
     x [..., in] (fp32/fp16/bf16) -> [..., out] in x's dtype. The bias is added by ``_scaled_mm`` for 16-bit
     outputs; for fp32 it is added after (cuBLASLt takes no bias with an fp32 output).
     """
     lead = x.shape[:-1]
-    xq = to_e4m3(x.reshape(-1, x.shape[-1]), fp8.input_scale)
+    xq = quantize_e4m3(x.reshape(-1, x.shape[-1]), fp8.input_scale)  # one Triton launch
     fused = bias if bias is not None and x.dtype != torch.float32 else None
     out = torch._scaled_mm(
         xq, fp8.weight.t(), scale_a=fp8.input_scale, scale_b=fp8.weight_scale, bias=fused, out_dtype=x.dtype

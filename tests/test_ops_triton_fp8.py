@@ -257,3 +257,16 @@ def test_generate_tiny_triton_fp8_is_a_clear_error(tmp_path: Path, capsys: pytes
     assert cli.main(argv) == cli.EXIT_ERROR
     err = capsys.readouterr().err
     assert "head_dim 32" in err and err.count("\n") <= 3, err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_quantize_e4m3_kernel_equals_to_e4m3(dtype: torch.dtype) -> None:
+    """The fused activation quantization rounds exactly as torch's ``to_e4m3`` (value for value; under the
+    interpreter's soft rounding a tiny negative may give +0 where torch gives -0), saturation included."""
+    from javisrt.kernels.fp8 import quantize_e4m3
+
+    x = (torch.randn(3, 1000, 64, generator=torch.Generator().manual_seed(4)) * 3).to(dtype)
+    s = amax_scale(x) * 0.7  # the top 30% of the range saturates
+    got, want = quantize_e4m3(x, s), to_e4m3(x, s)
+    assert got.dtype == torch.float8_e4m3fn and got.shape == x.shape
+    assert torch.equal(got.float(), want.float())
