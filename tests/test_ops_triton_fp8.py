@@ -270,3 +270,16 @@ def test_quantize_e4m3_kernel_equals_to_e4m3(dtype: torch.dtype) -> None:
     got, want = quantize_e4m3(x, s), to_e4m3(x, s)
     assert got.dtype == torch.float8_e4m3fn and got.shape == x.shape
     assert torch.equal(got.float(), want.float())
+
+
+def test_follows_the_op_set_protocol(calibrated) -> None:  # type: ignore[no-untyped-def]
+    import inspect
+
+    from javisrt.engine.ops import OpSet
+    from tests.test_export import OPSET_METHODS
+
+    ops = TritonFp8Ops.prepare(calibrated[0], calibrated[2].scales)
+    assert ops.name == "triton-fp8"
+    for method in OPSET_METHODS:
+        want = list(inspect.signature(getattr(OpSet, method)).parameters)[1:]
+        assert list(inspect.signature(getattr(ops, method)).parameters) == want, method
