@@ -214,7 +214,9 @@ def test_export_cli_sidecar_then_engine_from_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--fp8-scales applies"):
         create_engine("torch", checkpoint=ckpt, ops="triton", fp8_scales=default_path(ckpt))
     engine = create_engine("torch", checkpoint=ckpt, ops="triton-fp8", numerics="fp32")
-    assert engine.model.ops.name == "triton-fp8"
+    fp8_ops = engine.model.ops
+    assert fp8_ops.name == "triton-fp8"
+    assert engine.for_mode("t2a").model.ops is fp8_ops  # one prepared e4m3 copy for every mode
     g = torch.Generator().manual_seed(2)
     video, audio = torch.randn(1, 16, 2, 4, 6, generator=g), torch.randn(1, 8, 6, 16, generator=g)
     cond, uncond = (torch.randn(1, cfg.text_len, cfg.text_dim, generator=g) for _ in range(2))

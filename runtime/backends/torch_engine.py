@@ -92,6 +92,7 @@ class TorchEngine(Engine):
                 else f"FP8 scales apply to the {FP8_OPS} op set only, not {ops!r}"
             )
         self._fp8_scales = fp8_scales
+        self._fp8_ops: Any = None  # the prepared triton-fp8 op set (shared with for_mode's engines: one e4m3 copy)
         # A runtime.parallel.ParallelContext with cfg=2 and/or sp>1: the forward runs over the ranks
         # (runtime/backends/torch_parallel.py); None: this process alone.
         self.parallel = parallel
@@ -129,7 +130,9 @@ class TorchEngine(Engine):
         if self._fp8_scales is not None:
             from javisrt.kernels.ops_triton_fp8 import TritonFp8Ops
 
-            model.set_ops(TritonFp8Ops.prepare(model, self._fp8_scales))  # e4m3 weights on the device
+            if self._fp8_ops is None:
+                self._fp8_ops = TritonFp8Ops.prepare(model, self._fp8_scales)  # e4m3 weights on the device
+            model.set_ops(self._fp8_ops)
         else:
             model.set_ops(self._ops)
         self.model = model.requires_grad_(False).eval()
@@ -194,6 +197,7 @@ class TorchEngine(Engine):
             self._model_arg, mode=mode, ops=self._ops, numerics=self._numerics, device=self._device,
             cuda_graphs=self.cuda_graphs, parallel=self.parallel, fp8_scales=self._fp8_scales,
         )  # fmt: skip
+        other._fp8_ops = self._fp8_ops
         if self.state is not self.state.UNLOADED:
             other.load()
         return other
