@@ -62,7 +62,12 @@ def register(subparsers: Any) -> None:
     m.add_argument("--layers", type=int, help="override the preset's num_layers (full width, fewer blocks)")
     m.add_argument("--numerics", choices=("fp32", "official"), default="fp32",
                    help="torch: fp32, or the reference's bf16 numerics (default fp32)")
-    m.add_argument("--ops", choices=("torch", "triton"), default="torch", help="torch: op implementation")
+    m.add_argument("--ops", choices=("torch", "triton", "triton-fp8"), default="torch",
+                   help="torch: op implementation; triton-fp8 needs its scales (--fp8-scales, or the sidecar next "
+                   "to --checkpoint)")
+    m.add_argument("--fp8-scales", type=Path, default=None,
+                   help="--ops triton-fp8: the scales sidecar (default: CHECKPOINT.fp8-scales.safetensors; "
+                   "`javisrt export --checkpoint CHECKPOINT --fp8-scales` makes it)")
     m.add_argument("--engine-file", type=Path,
                    help="onnxruntime: the .onnx to run (default: export the random model's fp32 native graph); "
                    "tensorrt: the .plan (required). Its metadata gives the network: no eager model is built")
@@ -178,7 +183,14 @@ def make_engine(
 ) -> Any:  # fmt: skip
     """The engine ``backend`` through the one factory; ``model`` is None when only compiled engines run."""
     if backend == "torch":
-        return create_engine("torch", model=model, ops=args.ops, device=device, cuda_graphs=args.useCudaGraph)
+        scales = args.fp8_scales
+        if args.ops == "triton-fp8" and scales is None and args.checkpoint is not None:
+            from javisrt.runtime.fp8_scales import default_path
+
+            scales = default_path(args.checkpoint)
+        return create_engine(
+            "torch", model=model, ops=args.ops, device=device, cuda_graphs=args.useCudaGraph, fp8_scales=scales
+        )
     if backend == "tensorrt" and engine_file is None:
         raise ConfigError("--backend tensorrt needs --engine-file PLAN (build one with `javisrt build`)")
     if engine_file is None:  # onnxruntime: export the random model's graph once per run

@@ -34,8 +34,10 @@ TRITON_INTERPRET=1, perf_counter timings instead of do_bench, the host loop wher
 CUDA): its figures say nothing about speed.
 
 ``--ops`` names op sets (passed as given to ``create_engine(ops=...)``); one that
-``engine.ops.get_ops`` does not know (e.g. ``triton-fp8`` before it exists) is recorded as
-"skipped: op set not available".
+``engine.ops.get_ops`` does not know is recorded as "skipped: op set not available". ``triton-fp8``
+needs scales: parts 3 and 4 make them on the spot from the amax of one CFG forward of the random-weight
+proof model (no modelopt on the GPU machine; each row says so in ``fp8_scales``), and run every step in
+FP8; part 4's row compares its final latents with the torch op set's (cosine, PSNR: goal >= 30 dB).
 """
 
 from __future__ import annotations
@@ -215,14 +217,23 @@ def item(results: dict[str, Any], name: str, deadline: Deadline, fn: Callable[[]
         results[name] = {"status": f"error: {type(exc).__name__}: {exc}"}
 
 
+FP8_OPS = "triton-fp8"  # built from scales, not by name alone: proof_fp8_scales makes them on the spot
+
+
 def op_set_available(name: str) -> str:
-    """"" when ``engine.ops.get_ops(name)`` knows the op set, else the reason."""
+    """"" when ``engine.ops.get_ops(name)`` knows the op set (triton-fp8: when its module imports), else
+    the reason."""
+    import importlib
+
     from javisrt.engine.errors import ConfigError
-    from javisrt.engine.ops import get_ops
+    from javisrt.engine.ops import OP_SETS, get_ops
 
     try:
-        get_ops(name)
-    except (ConfigError, ImportError) as exc:
+        if name == FP8_OPS:
+            importlib.import_module(OP_SETS[name].split(":")[0])
+        else:
+            get_ops(name)
+    except (ConfigError, ImportError, KeyError) as exc:
         return f"skipped: op set not available ({exc})"
     return ""
 
@@ -464,6 +475,7 @@ def part_kernels(opts: ProofOptions, deadline: Deadline) -> dict[str, Any]:
     from javisrt.kernels.fp8 import amax_scale, to_e4m3
     from javisrt.kernels.modality_ffn import modality_ffn, modality_ffn_fp8, quantize_ffn_weights
     from javisrt.kernels.rope_attention import rope_attention, rope_attention_fp8
+    from javisrt.kernels.ops_triton_fp8 import Fp8Linear, scaled_mm_linear
 
     s, dev = opts.shapes, opts.device
     ceil, copy_gbps = ceilings(opts)
@@ -550,6 +562,34 @@ def part_kernels(opts: ProofOptions, deadline: Deadline) -> dict[str, Any]:
         item(fp8, "scaled_mm_ffn_gemms", deadline, lambda: figures(bench_ms(scaled_mm_gemms, dev), fflop, ceil))
     else:
         fp8["scaled_mm_ffn_gemms"] = {"status": "skipped: torch._scaled_mm is timed on an FP8 GPU only"}
+    # The attention Linears of one block (self-attn q/k/v/o and cross-attn q/o on L tokens, cross-attn k/v
+    # on the text), as the triton-fp8 op set runs them (kernels/ops_triton_fp8.scaled_mm_linear: the static
+    # activation quantization + torch._scaled_mm + bias) vs the activation-dtype F.linear. No Triton FP8 GEMM
+    # is written: this row is the measurement that decides whether one is worth writing.
+    lin_x = torch.randn(s.batch, L, s.dim, device=dev, dtype=dtype)
+    lin_t = torch.randn(s.batch, s.text_len, s.dim, device=dev, dtype=dtype)
+    lin_w = torch.randn(s.dim, s.dim, device=dev, dtype=dtype) / s.dim**0.5
+    lin_b = torch.zeros(s.dim, device=dev, dtype=dtype)
+    lin_flop = 2.0 * s.batch * s.dim * s.dim * (6 * L + 2 * s.text_len)
+    fp8_lin = Fp8Linear(to_e4m3(lin_w, amax_scale(lin_w)), amax_scale(lin_w), amax_scale(lin_x))
+
+    def linears(f: Callable[[torch.Tensor], Any]) -> Callable[[], None]:
+        def run() -> None:
+            for _ in range(6):
+                f(lin_x)
+            for _ in range(2):
+                f(lin_t)
+
+        return run
+
+    item(fp8, "attention_linears_bf16", deadline,
+         lambda: figures(bench_ms(linears(lambda a: F.linear(a, lin_w, lin_b)), dev), lin_flop, ceil))  # fmt: skip
+    if opts.cuda:
+        item(fp8, "attention_linears_scaled_mm", deadline,
+             lambda: figures(bench_ms(linears(lambda a: scaled_mm_linear(a, fp8_lin, lin_b)), dev), lin_flop, ceil))  # fmt: skip
+    else:
+        fp8["attention_linears_scaled_mm"] = {"status": "skipped: torch._scaled_mm is timed on an FP8 GPU only"}
+    fp8["attention_linears_triton_fp8_gemm"] = {"status": "not written: the op set uses torch._scaled_mm (compare the two rows above)"}
     res["fp8"] = fp8
 
     # -- adaLN modulate (memory-bound: read x, write y) --
@@ -580,6 +620,46 @@ def proof_model(opts: ProofOptions) -> Any:
     return _MODEL["model"]
 
 
+FP8_SCALES_NOTE = ("amax of one CFG forward (runtime/fp8_scales.scales_from_forward: no modelopt on the GPU machine) "
+                   "at t=991.64 on the random-weight proof model and random inputs; amax / 448 per tensor")
+
+
+def proof_fp8_scales(opts: ProofOptions) -> Any:
+    """The proof model's FP8 scales, made once on the spot (:data:`FP8_SCALES_NOTE`)."""
+    from javisrt.runtime.backends import create_engine
+    from javisrt.runtime.fp8_scales import scales_from_forward
+
+    if "fp8_scales" not in _MODEL:
+        model = proof_model(opts)
+        _, geo = request_geometry(opts)
+        engine = create_engine("torch", model=model, device=opts.device)
+        try:
+            session, _ = proof_session(engine, opts)
+            g = torch.Generator().manual_seed(5)
+            step = {VIDEO: torch.randn(2, *geo.video, generator=g), AUDIO: torch.randn(2, *geo.audio, generator=g),
+                    TIMESTEP: torch.full((2,), 991.64)}  # fmt: skip
+            engine.write_inputs(step)
+
+            def forward() -> None:
+                engine.enqueue(None)
+                engine.synchronize()  # the amax values were computed on the engine's stream
+
+            _MODEL["fp8_scales"] = scales_from_forward(model, forward, FP8_SCALES_NOTE)
+            del session
+        finally:
+            engine.unload()
+    return _MODEL["fp8_scales"]
+
+
+def proof_engine(opts: ProofOptions, ops: str, cuda_graphs: bool) -> Any:
+    """The torch engine on the proof model with op set ``ops`` (triton-fp8 with :func:`proof_fp8_scales`)."""
+    from javisrt.runtime.backends import create_engine
+
+    scales = proof_fp8_scales(opts) if ops == FP8_OPS else None
+    return create_engine("torch", model=proof_model(opts), device=opts.device, ops=ops, cuda_graphs=cuda_graphs,
+                         fp8_scales=scales)  # fmt: skip
+
+
 def request_geometry(opts: ProofOptions) -> Any:
     """240p / 65 frames (4 s) for the released model; 33 frames at 32x48 for the tiny one."""
     from javisrt.runtime.pipeline import GenerationConfig
@@ -603,7 +683,6 @@ def proof_session(engine: Any, opts: ProofOptions, seed: int = 0) -> tuple[Any, 
 
 def part_forward(opts: ProofOptions, deadline: Deadline) -> dict[str, Any]:
     from javisrt.engine.flops import forward_flops
-    from javisrt.runtime.backends import create_engine
 
     model = proof_model(opts)
     ceil, _ = ceilings(opts)
@@ -627,7 +706,7 @@ def part_forward(opts: ProofOptions, deadline: Deadline) -> dict[str, Any]:
                     return {"status": reason}
                 if not opts.cuda and (mode == "graph" or ops != "torch"):
                     return {"status": "skipped: needs CUDA (CUDA graphs; the Triton op sets on the torch engine)"}
-                engine = create_engine("torch", model=model, device=opts.device, ops=ops, cuda_graphs=mode == "graph")
+                engine = proof_engine(opts, ops, cuda_graphs=mode == "graph")
                 try:
                     session, _ = proof_session(engine, opts)
                     engine.write_inputs(step)
@@ -643,6 +722,8 @@ def part_forward(opts: ProofOptions, deadline: Deadline) -> dict[str, Any]:
                     if ref:
                         row["rel_diff_vs_torch"] = {k: rel(out[k], ref[k]) for k in ref}
                     row["finite"] = all(bool(torch.isfinite(t).all()) for t in out.values())
+                    if ops == FP8_OPS:
+                        row["fp8_scales"] = FP8_SCALES_NOTE
                     del session
                     return row
                 finally:
@@ -766,7 +847,6 @@ def denoise_run(opts: ProofOptions, ops: str, finals: dict[str, list[torch.Tenso
     path: the device loop replaying the whole-step CUDA graph on CUDA. Two passes: the first includes
     the graph capture, the second is steady state. Final latents go to ``finals[ops]``; against the
     torch op set's (when it ran first) the row gets latent cosine / PSNR."""
-    from javisrt.runtime.backends import create_engine
     from javisrt.runtime.pipeline import default_cuda_graphs
 
     reason = op_set_available(ops)
@@ -776,8 +856,7 @@ def denoise_run(opts: ProofOptions, ops: str, finals: dict[str, list[torch.Tenso
         return {"status": "skipped: the Triton op sets on the torch engine need CUDA"}
     model = proof_model(opts)
     gen, _ = request_geometry(opts)
-    engine = create_engine("torch", model=model, device=opts.device, ops=ops,
-                           cuda_graphs=default_cuda_graphs("torch", opts.device))  # fmt: skip
+    engine = proof_engine(opts, ops, cuda_graphs=default_cuda_graphs("torch", opts.device))
     try:
         session, noise = proof_session(engine, opts)
         config = gen.sampler_config(model.cfg, (5.0, 5.0))
@@ -800,7 +879,8 @@ def denoise_run(opts: ProofOptions, ops: str, finals: dict[str, list[torch.Tenso
             "ms_per_step_median": round(statistics.median(last.step_times_s) * 1e3, 3),
             "ms_per_step_mean": round(last.seconds / max(last.steps_done, 1) * 1e3, 3),
             "finite": all(bool(torch.isfinite(x).all()) for x in last.latents),
-            "goals": {"bf16_ms_per_step": 90, "bf16_total_s": 4.5, "fp8_ms_per_step": 70},
+            "goals": {"bf16_ms_per_step": 90, "bf16_total_s": 4.5, "fp8_ms_per_step": 70, "fp8_psnr_db_vs_bf16": 30},
+            **({"fp8_scales": FP8_SCALES_NOTE, "step_policy": "all steps FP8"} if ops == FP8_OPS else {}),
         }  # fmt: skip
     finally:
         engine.unload()
@@ -958,6 +1038,9 @@ def goal_lines(records: list[dict[str, Any]]) -> list[str]:
     fp8 = _get(denoise, "triton-fp8")
     fp8_ms = fp8["ms_per_step_median"] if _get(fp8, "status") == "ok" else None
     row("FP8 50-step CFG, ms/step", "<= 70", fp8_ms, lambda x: x <= 70, "ms")
+    for name, label in ((VIDEO, "video"), (AUDIO, "audio")):
+        psnr = _get(fp8, "vs_torch_latents", name, "psnr_db") if _get(fp8, "status") == "ok" else None
+        row(f"FP8 vs BF16 final {label} latents, PSNR", ">= 30 dB", psnr, lambda x: x >= 30, "dB")
     runs = _get(by_name, "forward", "runs") or {}
     pcts = [v["pct_matmul_ceiling"] for k, v in runs.items() if k.endswith("/graph") and not k.startswith("triton-fp8")
             and _get(v, "status") == "ok" and v.get("pct_matmul_ceiling") is not None]  # fmt: skip

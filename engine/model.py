@@ -120,11 +120,12 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ops: OpSet) -> torch.Tensor:
         """x [B, L, d], rope (cos, sin) [L, D/2] -> [B, L, d]."""
+        ops = ops.for_layer(self)
         heads = (self.num_heads, -1)
-        q = self.norm_q(self.q(x), ops).unflatten(-1, heads)
-        k = self.norm_k(self.k(x), ops).unflatten(-1, heads)
-        v = self.v(x).unflatten(-1, heads)
-        return self.o(ops.attention(q, k, v, rope).flatten(2))
+        q = self.norm_q(ops.linear(self.q, x), ops).unflatten(-1, heads)
+        k = self.norm_k(ops.linear(self.k, x), ops).unflatten(-1, heads)
+        v = ops.linear(self.v, x).unflatten(-1, heads)
+        return ops.linear(self.o, ops.attention(q, k, v, rope).flatten(2))
 
 
 class CrossAttention(SelfAttention):
@@ -132,11 +133,12 @@ class CrossAttention(SelfAttention):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, ops: OpSet) -> torch.Tensor:  # type: ignore[override]
         """x [B, L, d], context [B, text_len, d] -> [B, L, d]."""
+        ops = ops.for_layer(self)
         heads = (self.num_heads, -1)
-        q = self.norm_q(self.q(x), ops).unflatten(-1, heads)
-        k = self.norm_k(self.k(context), ops).unflatten(-1, heads)
-        v = self.v(context).unflatten(-1, heads)
-        return self.o(ops.attention(q, k, v, None).flatten(2))
+        q = self.norm_q(ops.linear(self.q, x), ops).unflatten(-1, heads)
+        k = self.norm_k(ops.linear(self.k, context), ops).unflatten(-1, heads)
+        v = ops.linear(self.v, context).unflatten(-1, heads)
+        return ops.linear(self.o, ops.attention(q, k, v, None).flatten(2))
 
 
 class Block(nn.Module):
@@ -256,9 +258,10 @@ class JavisDiT(nn.Module):
     def ops(self) -> OpSet:
         return self._ops
 
-    def set_ops(self, name: str) -> JavisDiT:
-        """Choose the op set by name (``engine.ops.OP_SETS``); weights and outputs stay the same."""
-        self._ops = get_ops(name)
+    def set_ops(self, ops: str | OpSet) -> JavisDiT:
+        """Choose the op set by name (``engine.ops.OP_SETS``) or give a built one (``triton-fp8``, which
+        carries this model's FP8 scales); weights and outputs stay the same."""
+        self._ops = get_ops(ops) if isinstance(ops, str) else ops
         return self
 
     @property

@@ -12,6 +12,14 @@ branches on the implementation. The op sets:
   ``onnx-plugin-native-ffn``  the same with the FFN left native (what TensorRT can build today).
   ``onnx-fp8``                attention written out as MatMul-Softmax-MatMul with modelopt's MHA quantizer
                               slots, for the FP8 Q/DQ graph (``export/op_sets.py``).
+  ``triton-fp8``              the Triton kernels in e4m3 with calibrated per-tensor scales, the attention
+                              Linears through ``torch._scaled_mm`` (``kernels/ops_triton_fp8.py``); it needs
+                              its scales, so it is built by ``TritonFp8Ops.prepare``, not by name alone.
+
+Per-layer state (FP8 scales, modelopt's quantizer slots) is found through two ops the model calls:
+``ops.for_layer(module)`` (the op set for one attention module; the reference returns itself) and
+``ops.linear(layer, x)`` for the quantized Linears (the reference calls the module, so modelopt's
+quantized Linears take part).
 
 Op sets outside ``engine/`` are imported by name on first use, so ``engine/`` never imports the layers
 above it. Every op computes in the dtype of its inputs (the model decides the numerics: the
@@ -38,7 +46,8 @@ from torch import nn
 
 from javisrt.engine.errors import ConfigError
 
-# name -> "module:class" of every op set; the class is constructed with no arguments.
+# name -> "module:class" of every op set; the class is constructed with no arguments (an op set that
+# needs per-model state, triton-fp8, refuses that with a ConfigError saying what it needs).
 OP_SETS: dict[str, str] = {
     "torch": "javisrt.engine.ops:TorchOps",
     "triton": "javisrt.kernels.ops_triton:TritonOps",
@@ -46,6 +55,7 @@ OP_SETS: dict[str, str] = {
     "onnx-plugin": "javisrt.export.op_sets:PluginOps",
     "onnx-plugin-native-ffn": "javisrt.export.op_sets:PluginAttentionOps",
     "onnx-fp8": "javisrt.export.op_sets:Fp8Ops",
+    "triton-fp8": "javisrt.kernels.ops_triton_fp8:TritonFp8Ops",
 }
 
 
@@ -86,6 +96,15 @@ class Modulation(NamedTuple):
 class OpSet(Protocol):
     @property
     def name(self) -> str: ...
+
+    def for_layer(self, module: nn.Module) -> OpSet:
+        """The op set to use inside ``module`` (an attention module of the model): op sets with
+        per-layer state (scales, quantizer slots) bind it here; the others return themselves."""
+        ...
+
+    def linear(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """``layer(x)`` for the quantizable Linears (attention q/k/v/o): x [..., in] -> [..., out]."""
+        ...
 
     def sinusoid(self, t: torch.Tensor, dim: int) -> torch.Tensor: ...
 
@@ -243,6 +262,12 @@ class TorchOps:
     """
 
     name: str = "torch"
+
+    def for_layer(self, module: nn.Module) -> OpSet:
+        return self
+
+    def linear(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        return layer(x)  # type: ignore[no-any-return]  # called as a module: quantized replacements take part
 
     def sinusoid(self, t: torch.Tensor, dim: int) -> torch.Tensor:
         return sinusoid_ref(t, dim)

@@ -164,6 +164,13 @@ class SequenceParallelOps:
     def name(self) -> str:
         return f"{self.inner.name}+sp{self.shard.degree}"
 
+    def for_layer(self, module: nn.Module) -> SequenceParallelOps:
+        return SequenceParallelOps(self.inner.for_layer(module), self.shard, self.group)
+
+    def linear(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """Per token: local to the slice."""
+        return self.inner.linear(layer, x)
+
     def sinusoid(self, t: torch.Tensor, dim: int) -> torch.Tensor:
         return self.inner.sinusoid(t, dim)
 

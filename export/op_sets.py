@@ -158,16 +158,17 @@ class Fp8Ops(GraphOps):
     """The FP8 Q/DQ graph's op set: attention as MatMul-Softmax-MatMul with the :data:`MHA_SLOTS`.
 
     ``slots`` is the attention module whose quantizers apply: :mod:`javisrt.export.quantize` registers
-    with modelopt a quantized version of the model's attention modules that creates the four slots and
-    calls its attention with ``ops.bind(self)``. Unbound (``slots`` None), every slot is an identity.
+    with modelopt a quantized version of the model's attention modules that creates the four slots, and
+    the model hands each attention module to the op set (``ops.for_layer(self)``, the op seam's per-layer
+    hook). Unbound (``slots`` None, or a module without the slots), every slot is an identity.
     """
 
     name: str = "onnx-fp8"
     slots: nn.Module | None = None
 
-    def bind(self, module: nn.Module) -> Fp8Ops:
-        """This op set with ``module``'s MHA quantizer slots."""
-        return dataclasses.replace(self, slots=module)
+    def for_layer(self, module: nn.Module) -> Fp8Ops:
+        """This op set with ``module``'s MHA quantizer slots (none if it has none: not quantized)."""
+        return dataclasses.replace(self, slots=module if hasattr(module, MHA_SLOTS[0]) else None)
 
     def _slot(self, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         return getattr(self.slots, name) if self.slots is not None else _identity  # type: ignore[no-any-return]

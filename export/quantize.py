@@ -87,8 +87,10 @@ def _mtq():  # type: ignore[no-untyped-def]
 
     class MHASlots(torch.nn.Module):
         """Mixin of the quantized attention modules: the MHA slots as modelopt ``TensorQuantizer``s (created
-        by modelopt's module conversion, so ``mtq.quantize`` configures and calibrates them like its own),
-        handed to the op set on every call (the op set is the last argument of the attention forward)."""
+        by modelopt's module conversion, so ``mtq.quantize`` configures and calibrates them like its own).
+        The attention forward hands its module to the op set (``ops.for_layer(self)``, the op seam's one
+        per-layer hook), which is how the ``onnx-fp8`` op set finds them; this mixin only refuses other op
+        sets (the op set is the last argument of the attention forward), which would skip the slots."""
 
         def _setup(self) -> None:
             for slot in MHA_SLOTS:
@@ -98,7 +100,7 @@ def _mtq():  # type: ignore[no-untyped-def]
             *inputs, ops = args
             if not isinstance(ops, Fp8Ops):
                 raise ConfigError(f"an FP8-quantized attention runs with the onnx-fp8 op set, not {ops.name!r}")
-            return super().forward(*inputs, ops.bind(self))  # type: ignore[no-any-return]
+            return super().forward(*inputs, ops)  # type: ignore[no-any-return]
 
     for cls in (SelfAttention, CrossAttention):
         if cls not in QuantModuleRegistry:

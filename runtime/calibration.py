@@ -105,7 +105,7 @@ def calibrate_fp8(model: JavisDiT, calib: CalibrationSet, numerics: str = "fp32"
     runs = list(calib.trajectories())
 
     def forward_loop(m: JavisDiT) -> None:
-        own_ops = m.ops.name  # the engine sets onnx-fp8 on the model; the model keeps its own afterwards
+        own_ops = m.ops  # the engine sets onnx-fp8 on the model; the model keeps its own afterwards
         engine = fp8_engine(m)
         try:
             for video, audio, prompt, config, _dims in tqdm(runs, desc="FP8 calibration", unit="trajectory", leave=False):

@@ -197,7 +197,16 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
         "--engine-file",
         help="compiled DiT for --backend onnxruntime (.onnx from `javisrt export`) or tensorrt (.plan from `javisrt build`)",
     )
-    g.add_argument("--ops", default="torch", help="op set of the torch engine: torch (any device) or triton (CUDA)")
+    g.add_argument(
+        "--ops", default="torch",
+        help="op set of the torch engine: torch (any device), triton (CUDA) or triton-fp8 (CUDA: the e4m3 kernels "
+        "with calibrated scales, see --fp8-scales; head_dim >= 64, so not the tiny preset)",
+    )  # fmt: skip
+    g.add_argument(
+        "--fp8-scales", type=Path, default=None,
+        help="--ops triton-fp8: the scales sidecar (default: CHECKPOINT.fp8-scales.safetensors next to the "
+        "checkpoint; `javisrt export --checkpoint CHECKPOINT --fp8-scales` makes it)",
+    )  # fmt: skip
     g.add_argument(
         "--loop", choices=["auto", "host", "device"], default="auto",
         help="sampling loop: device (CUDA: latents stay in the engine's device buffers, one CUDA graph per "
@@ -347,6 +356,9 @@ def _load_pipeline(args: argparse.Namespace, tiny: bool, device: Any = None, par
     if tiny:
         if args.checkpoint or args.wan_dir or args.audioldm2_dir:
             raise ConfigError("--tiny uses random weights; do not combine it with --checkpoint/--wan-dir/--audioldm2-dir")
+        if args.ops == "triton-fp8" or args.fp8_scales is not None:
+            raise ConfigError("--ops triton-fp8 runs a calibrated checkpoint: the tiny preset's head_dim 32 is below "
+                              "the e4m3 attention kernel's 64 (bench/fp8_fidelity.py measures FP8 on small configs)")
         return build_tiny_pipeline(
             backend=args.backend, engine_file=args.engine_file, ops=args.ops, device=device, parallel=parallel,
             loop=args.loop, cuda_graphs=args.cuda_graphs,
@@ -364,6 +376,7 @@ def _load_pipeline(args: argparse.Namespace, tiny: bool, device: Any = None, par
         backend=args.backend,
         engine_file=args.engine_file,
         ops=args.ops,
+        fp8_scales=args.fp8_scales,
         parallel=parallel,
         loop=args.loop,
         cuda_graphs=args.cuda_graphs,

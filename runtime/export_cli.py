@@ -2,7 +2,8 @@
 
     javisrt export --checkpoint DIR --precision bf16|fp8 --flavor native|plugin --out DIR
                    [--config PRESET] [--fp32-copy] [--calib-prompts FILE] [--calib-steps N]
-                   [--calib-shape FRAMES,HEIGHT,WIDTH] [--device cpu|cuda]
+                   [--calib-shape FRAMES,HEIGHT,WIDTH] [--device cpu|cuda] [--fp8-scales [--fp8-scales-out PATH]]
+    javisrt export --checkpoint DIR --fp8-scales [--fp8-scales-out PATH] [--calib-...] [--device cuda]
 
 Writes ``OUT/dit.onnx`` (weights > 2 GiB in ``OUT/dit.onnx.data``), with ``--fp32-copy`` also
 ``OUT/dit.fp32.onnx`` (the graph ONNX Runtime can check on CPU), and ``OUT/manifest.json``: the
@@ -12,6 +13,11 @@ trajectories by :mod:`javisrt.runtime.calibration` — why this command lives in
 attention written out (MatMul/Softmax with Q/DQ), so ``--flavor plugin`` is refused with fp8.
 ``dit.onnx`` for fp8 is FP8 on the BF16 numerics the engine runs; its ``--fp32-copy`` is FP8 on fp32
 numerics calibrated on the same set (ONNX Runtime has no bf16 Q/DQ kernels).
+
+``--fp8-scales`` writes the per-tensor scales of the ``triton-fp8`` op set (``runtime/fp8_scales.py``)
+from the same calibration, as a sidecar next to the checkpoint (``--fp8-scales-out`` to put it
+elsewhere): with ``--precision fp8`` from the export's own calibration, alone (no ``--precision``) as
+the calibration only.
 """
 
 from __future__ import annotations
@@ -42,12 +48,13 @@ VERSIONED = ("javisrt", "torch", "onnx", "onnxruntime", "onnxscript", "nvidia-mo
 def register(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("export", help="export the DiT to ONNX (native/plugin, bf16/fp8) with a manifest")
     p.add_argument("--checkpoint", required=True, type=Path, help="any layout engine.checkpoint.load_model reads")
-    p.add_argument("--precision", required=True, choices=("bf16", "fp8"))
+    p.add_argument("--precision", choices=("bf16", "fp8"),
+                   help="graph precision (required unless --fp8-scales alone: the calibration only)")
     p.add_argument("--flavor", default="native", choices=("native", "plugin"))
     p.add_argument("--ffn", default="plugin", choices=("plugin", "native"),
                    help="plugin flavour: the FFN as a javisrt::modality_ffn node (default) or native "
                         "(Slice -> experts -> Concat; TensorRT can build this one today)")
-    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--out", type=Path, help="output directory of the graph (required with --precision)")
     p.add_argument("--config", default=None, help="preset name (default: from the checkpoint)")
     p.add_argument("--fp32-copy", action="store_true", help="also write dit.fp32.onnx for ONNX Runtime checks")
     p.add_argument("--calib-prompts", type=Path, default=None,
@@ -56,6 +63,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--calib-steps", type=int, default=10, help="fp8: sampling steps per calibration trajectory")
     p.add_argument("--calib-shape", default="33,240,426", help="fp8: FRAMES,HEIGHT,WIDTH of the calibration runs")
     p.add_argument("--device", default="cpu", help="device for calibration (cuda recommended for real checkpoints)")
+    p.add_argument("--fp8-scales", action="store_true",
+                   help="write the triton-fp8 op set's scales sidecar from the FP8 calibration (with --precision fp8: "
+                        "the export's own; alone: calibrate and write only the sidecar)")
+    p.add_argument("--fp8-scales-out", type=Path, default=None,
+                   help="where to write the sidecar (default: CHECKPOINT.fp8-scales.safetensors, next to the "
+                        "checkpoint, where --ops triton-fp8 looks for it)")
     return p  # type: ignore[no-any-return]
 
 
@@ -114,12 +127,45 @@ def _calibration(args: argparse.Namespace, contract: DiTContract) -> Any:
     return CalibrationSet(prompts, negative, ({**dims, "batch": 1},), steps=args.calib_steps)
 
 
+def _write_fp8_scales(args: argparse.Namespace, wrapper: Any, calib: Any) -> Path:
+    """The calibrated quantizers' scales as the triton-fp8 sidecar (runtime/fp8_scales.py)."""
+    from javisrt.runtime.fp8_scales import default_path, describe_calibration, scales_from_calibration
+
+    shapes = [{k: v for k, v in d.items() if k != "batch"} for d in calib.shapes]
+    what = describe_calibration(len(calib.prompts), calib.steps, shapes, args.calib_prompts is None)
+    path = args.fp8_scales_out or default_path(args.checkpoint)
+    return scales_from_calibration(wrapper, what).save(path)
+
+
+def run_fp8_scales(args: argparse.Namespace) -> int:
+    """``--fp8-scales`` alone: calibrate (BF16 numerics, as the engine runs) and write the sidecar."""
+    from javisrt.engine.checkpoint import load_model
+    from javisrt.runtime.calibration import calibrate_fp8
+
+    model = load_model(args.checkpoint, args.config, numerics="fp32", device=args.device)
+    calib = _calibration(args, DiTContract.for_config(model.cfg))
+    wrapper = calibrate_fp8(model, calib, numerics="official")
+    path = _write_fp8_scales(args, wrapper, calib)
+    log.info("FP8 scales written to %s", path)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from javisrt.engine.checkpoint import load_model
     from javisrt.export.fp8_rules import audit_ops, check_fp8
     from javisrt.export.onnx import export_dit, save
     from javisrt.export.contract import META_CHECKPOINT
 
+    if args.fp8_scales_out is not None and not args.fp8_scales:
+        raise ConfigError("--fp8-scales-out is where --fp8-scales writes: add --fp8-scales")
+    if args.precision is None:
+        if not args.fp8_scales:
+            raise ConfigError("javisrt export needs --precision (and --out), or --fp8-scales alone for the scales sidecar")
+        return run_fp8_scales(args)
+    if args.out is None:
+        raise ConfigError("--precision needs --out (the graph's output directory)")
+    if args.fp8_scales and args.precision != "fp8":
+        raise ConfigError("--fp8-scales comes from the FP8 calibration: use it with --precision fp8, or alone")
     if args.precision == "fp8" and args.flavor != "native":
         raise ConfigError("fp8 export is the native flavour only (modelopt Q/DQ on MatMul attention)")
     out: Path = args.out
@@ -135,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
         contract = DiTContract.for_config(model.cfg)
         bar.update()
         checks: dict[str, Any] = {}
+        fp8_scales_path: str | None = None
         if args.precision == "fp8":
             from javisrt.export.quantize import export_fp8
             from javisrt.runtime.calibration import calibrate_fp8
@@ -145,6 +192,8 @@ def run(args: argparse.Namespace) -> int:
             bar.set_postfix_str("FP8 calibration")
             # FP8 on the BF16 numerics the engine runs (embedders, modulation, norms, heads stay high precision)
             wrapper = calibrate_fp8(model, calib, numerics="official")
+            if args.fp8_scales:
+                fp8_scales_path = str(_write_fp8_scales(args, wrapper, calib))
             graph = export_fp8(wrapper.to("cpu"), contract)
             checks["fp8_rules"] = [str(v) for v in check_fp8(graph)]
         else:
@@ -184,6 +233,7 @@ def run(args: argparse.Namespace) -> int:
         "checkpoint": {"path": str(args.checkpoint), "hash": ckpt_hash},
         "contract": contract.to_dict(),
         "checks": checks,
+        **({"fp8_scales": fp8_scales_path} if fp8_scales_path else {}),
         "versions": versions(),
         "export_seconds": round(time.time() - started, 1),
     }

@@ -25,7 +25,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def test_triton_ops_satisfy_the_opset_protocol() -> None:
     ops = get_ops("triton")
     assert ops.name == "triton"
-    for method in ("sinusoid", "patch_embed", "modulate", "rms_norm", "attention", "modality_ffn"):
+    for method in ("for_layer", "linear", "sinusoid", "patch_embed", "modulate", "rms_norm", "attention", "modality_ffn"):
         want = list(inspect.signature(getattr(OpSet, method)).parameters)[1:]
         assert list(inspect.signature(getattr(ops, method)).parameters) == want
         assert list(inspect.signature(getattr(TorchOps(), method)).parameters) == want

@@ -3,7 +3,8 @@
 :func:`create_engine` builds and loads one :class:`~javisrt.runtime.engine.Engine` implementation:
 
   ``torch``        :class:`~javisrt.runtime.backends.torch_engine.TorchEngine`: the eager DiT
-                   (``model=`` or ``checkpoint=``), op set ``ops`` (torch | triton), any generation mode;
+                   (``model=`` or ``checkpoint=``), op set ``ops`` (torch | triton | triton-fp8, the last
+                   with ``fp8_scales=``, default the sidecar next to the checkpoint), any generation mode;
                    with ``parallel=`` (a ``runtime.parallel.ParallelContext``) its forward runs over
                    CFG-parallel / sequence-parallel ranks (``backends/torch_parallel.py``)
   ``onnxruntime``  :class:`~javisrt.runtime.backends.onnxruntime_engine.OnnxRuntimeEngine`: an exported
@@ -20,7 +21,7 @@ file's metadata: no eager model is built for them. Their runtimes are imported o
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -28,6 +29,9 @@ from javisrt.engine.config import GenerationMode, JavisConfig
 from javisrt.engine.errors import ConfigError, UnavailableError
 from javisrt.engine.model import JavisDiT, Numerics
 from javisrt.runtime.engine import Engine
+
+if TYPE_CHECKING:
+    from javisrt.runtime.fp8_scales import Fp8Scales
 
 __all__ = ["ENGINES", "create_engine"]
 
@@ -47,6 +51,7 @@ def create_engine(
     numerics: Numerics | str | None = None,
     cuda_graphs: bool = False,
     parallel: Any = None,
+    fp8_scales: str | os.PathLike[str] | Fp8Scales | None = None,
     **options: Any,
 ) -> Engine:
     """The engine ``name``, loaded and ready.
@@ -54,7 +59,9 @@ def create_engine(
     torch: exactly one of ``model`` / ``checkpoint`` (``config``: the preset when the checkpoint does
     not say; ``numerics`` default: the model's own, official for a checkpoint), ``mode`` (default:
     every modality of the network), ``ops``, ``cuda_graphs``, ``parallel`` (a ParallelContext of a
-    --parallel launch). onnxruntime / tensorrt: ``engine_file``;
+    --parallel launch), ``fp8_scales`` (ops triton-fp8 only: the scales sidecar, default
+    ``<checkpoint>.fp8-scales.safetensors``; a missing one is a ConfigError naming the command that makes
+    it; or the loaded :class:`~javisrt.runtime.fp8_scales.Fp8Scales`). onnxruntime / tensorrt: ``engine_file``;
     ``options`` go to the engine's constructor (e.g. ``intra_op_threads``, ``refit_onnx``). A mode the
     compiled file was not exported for is refused by the caller through ``engine.contract.mode``.
     """
@@ -72,11 +79,29 @@ def create_engine(
             from javisrt.engine.checkpoint import load_model
 
             assert checkpoint is not None
-            model = load_model(checkpoint, config, Numerics.OFFICIAL if numerics is None else numerics, dev, ops)
-        from javisrt.runtime.backends.torch_engine import TorchEngine
+            # triton-fp8 is built from its scales by the engine on load (the model starts on the torch ops)
+            load_ops = "torch" if ops == "triton-fp8" else ops
+            model = load_model(checkpoint, config, Numerics.OFFICIAL if numerics is None else numerics, dev, load_ops)
+        from javisrt.runtime.backends.torch_engine import FP8_OPS, TorchEngine
 
+        scales = None
+        if ops == FP8_OPS:
+            from javisrt.runtime.fp8_scales import Fp8Scales, config_hash, default_path
+
+            if fp8_scales is None and checkpoint is None:
+                raise ConfigError(f"--ops {FP8_OPS} on a model without a checkpoint needs --fp8-scales PATH")
+            if isinstance(fp8_scales, Fp8Scales):
+                if fp8_scales.config_hash != config_hash(model.cfg):
+                    raise ConfigError(f"the FP8 scales were made for config {fp8_scales.config_name!r}, not {model.cfg.name!r}")
+                scales = fp8_scales.scales
+            else:
+                path = fp8_scales if fp8_scales is not None else default_path(checkpoint)  # type: ignore[arg-type]
+                scales = Fp8Scales.load(path, model.cfg).scales
+        elif fp8_scales is not None:
+            raise ConfigError(f"--fp8-scales applies to --ops {FP8_OPS}, not --ops {ops}")
         engine: Engine = TorchEngine(
-            model, mode=mode, ops=ops, numerics=numerics, device=dev, cuda_graphs=cuda_graphs, parallel=parallel
+            model, mode=mode, ops=ops, numerics=numerics, device=dev, cuda_graphs=cuda_graphs, parallel=parallel,
+            fp8_scales=scales,
         )
     else:
         if model is not None or checkpoint is not None:
@@ -86,8 +111,8 @@ def create_engine(
             )
         if engine_file is None:
             raise ConfigError(f"the {name} engine needs engine_file= (--engine-file): the compiled DiT to run")
-        if ops != "torch":
-            raise ConfigError(f"op sets (--ops {ops}) apply to the torch engine; the {name} engine runs its compiled graph")
+        if ops != "torch" or fp8_scales is not None:
+            raise ConfigError(f"op sets (--ops {ops}, --fp8-scales) apply to the torch engine; the {name} engine runs its compiled graph")
         if parallel is not None:
             raise ConfigError(f"--parallel runs the torch engine (op-set wrappers over ranks), not the {name} engine")
         engine = _compiled(name, engine_file, dev, cuda_graphs, options)

@@ -1,7 +1,8 @@
 """TorchEngine: the Engine interface over the eager :class:`~javisrt.engine.model.JavisDiT`.
 
 The CPU reference of every compiled engine: same contract I/O (the RoPE tables are inputs, as in
-the exported graph), op sets ``"torch"`` (any device) or ``"triton"`` (CUDA), any generation mode the
+the exported graph), op sets ``"torch"`` (any device), ``"triton"`` or ``"triton-fp8"`` (CUDA; the latter
+with its calibrated scales, prepared on load), any generation mode the
 network supports (t2av, t2a, t2v: one contract per mode, :meth:`TorchEngine.for_mode` shares the
 model), and, on a GPU, optional CUDA-graph capture per shape bucket (captured on the first run of a
 bucket after one warm-up run; :meth:`TorchEngine.capture_graph` also hands the ``cudaGraphExec_t`` to
@@ -36,6 +37,8 @@ from javisrt.runtime.engine import Array, BufferSpec, Engine, ShapeBucket, as_to
 
 log = logging.getLogger(__name__)
 
+FP8_OPS = "triton-fp8"  # the op set built from calibrated scales (kernels/ops_triton_fp8.py)
+
 
 def velocity_outputs(video: torch.Tensor | None, audio: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """The model's (video, audio) velocities under the contract's output names; absent modalities omitted."""
@@ -63,7 +66,9 @@ class TorchEngine(Engine):
 
     ``model``: a built :class:`JavisDiT` (``create_engine("torch", checkpoint=...)`` loads one);
     ``load`` moves it to ``device`` with the op set ``ops`` (and ``numerics`` when given). ``mode``: what
-    the engine generates (default: every modality of the network).
+    the engine generates (default: every modality of the network). ``fp8_scales``: the per-tensor scales
+    of ``ops="triton-fp8"`` (``runtime/fp8_scales.Fp8Scales.scales``), required by it and by it only; the
+    op set is prepared from them and the model's weights on load, after the move and the numerics.
     """
 
     name = "torch"
@@ -78,8 +83,16 @@ class TorchEngine(Engine):
         device: torch.device | str = "cpu",
         cuda_graphs: bool = False,
         parallel: Any = None,
+        fp8_scales: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         super().__init__(DiTContract.for_config(model.cfg, mode=mode))
+        if (ops == FP8_OPS) != (fp8_scales is not None):
+            raise ConfigError(
+                f"the {FP8_OPS} op set needs its FP8 scales (fp8_scales=, --fp8-scales)" if ops == FP8_OPS
+                else f"FP8 scales apply to the {FP8_OPS} op set only, not {ops!r}"
+            )
+        self._fp8_scales = fp8_scales
+        self._fp8_ops: Any = None  # the prepared triton-fp8 op set (shared with for_mode's engines: one e4m3 copy)
         # A runtime.parallel.ParallelContext with cfg=2 and/or sp>1: the forward runs over the ranks
         # (runtime/backends/torch_parallel.py); None: this process alone.
         self.parallel = parallel
@@ -111,9 +124,17 @@ class TorchEngine(Engine):
     def _load(self) -> None:
         if self._device.type == "cuda" and not torch.cuda.is_available():
             raise UnavailableError(f"torch engine on {self._device}: no CUDA device is available")
-        model = self._model_arg.to(self._device).set_ops(self._ops)
+        model = self._model_arg.to(self._device)
         if self._numerics is not None and model.numerics is not self._numerics:
             model.set_numerics(self._numerics)
+        if self._fp8_scales is not None:
+            from javisrt.kernels.ops_triton_fp8 import TritonFp8Ops
+
+            if self._fp8_ops is None:
+                self._fp8_ops = TritonFp8Ops.prepare(model, self._fp8_scales)  # e4m3 weights on the device
+            model.set_ops(self._fp8_ops)
+        else:
+            model.set_ops(self._ops)
         self.model = model.requires_grad_(False).eval()
         if self._device.type == "cuda":
             self._stream = torch.cuda.Stream(self._device)
@@ -174,8 +195,9 @@ class TorchEngine(Engine):
             return self
         other = TorchEngine(
             self._model_arg, mode=mode, ops=self._ops, numerics=self._numerics, device=self._device,
-            cuda_graphs=self.cuda_graphs, parallel=self.parallel,
+            cuda_graphs=self.cuda_graphs, parallel=self.parallel, fp8_scales=self._fp8_scales,
         )  # fmt: skip
+        other._fp8_ops = self._fp8_ops
         if self.state is not self.state.UNLOADED:
             other.load()
         return other
