@@ -50,8 +50,8 @@ __all__ = [
 ]
 
 ATTENTION_LINEARS = ("q", "k", "v", "o")  # the quantized Linears of every self- and cross-attention
-EXPERT_LINEARS = (0, 2)
-MIN_HEAD_DIM = 64  # kernels/rope_attention.rope_attention_fp8's limit  # the two Linears of an FFN expert (nn.Sequential: Linear, GELU, Linear)
+EXPERT_LINEARS = (0, 2)  # the two Linears of an FFN expert (nn.Sequential: Linear, GELU, Linear)
+MIN_HEAD_DIM = 64  # kernels/rope_attention.rope_attention_fp8's limit
 
 
 def linear_scale_keys(name: str) -> tuple[str, str]:
