@@ -377,6 +377,14 @@ def read_checkpoint(
     if path.is_dir():
         candidates = [p for p in (path / "transformer", path) if p.is_dir() and any(p.glob("diffusion_pytorch_model*"))]
         if not candidates:
+            from javisrt.engine.v01_checkpoint import is_v01_checkpoint  # it imports this module
+
+            if is_v01_checkpoint(path):
+                raise CheckpointError(
+                    f"{path} is a JavisDiT v0.1 checkpoint (config.json names VASTDiT3 / STIBPriorExtractor): load it "
+                    "with javisrt.runtime.v01_pipeline.V01Pipeline.from_pretrained, or `javisrt generate --model "
+                    "javisdit-v0.1` (the CLI picks it from the checkpoint when --model is not given)"
+                )
             raise CheckpointError(
                 f"{path} is neither an official JavisDiT++ checkpoint (model/ [+ lora/]) nor a Wan2.1 "
                 "directory with diffusion_pytorch_model.safetensors"

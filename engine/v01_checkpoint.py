@@ -72,6 +72,25 @@ _PRIOR_KEYS = {
 # ---------------------------------------------------------------------------------------------------
 
 
+V01_MODEL_TYPES = ("VASTDiT3", "STIBPriorExtractor")  # the config.json model_type of v0.1's DiT and prior
+
+
+def is_v01_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a v0.1 directory in the released layout: its config.json names VASTDiT3 (the DiT)
+    or STIBPriorExtractor (the prior) as ``model_type`` or in ``architectures``. Reads only config.json."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    if not isinstance(data, dict):
+        return False
+    names = [data.get("model_type"), *(data.get("architectures") or [])]
+    return any(n in V01_MODEL_TYPES for n in names if isinstance(n, str))
+
+
 def _read_config_json(directory: Path) -> dict[str, Any]:
     path = directory / "config.json"
     try:

@@ -7,9 +7,9 @@ and hands it to the library. Typed javisrt errors become one-line messages and e
     javisrt generate --checkpoint DIR --wan-dir DIR --audioldm2-dir DIR --prompt "..." [-o samples]
     javisrt generate --tiny --prompt-file prompts.csv   (csv: column ``text``, optional ``audio_text``, ``id``)
     torchrun --nproc_per_node N -m javisrt.runtime.cli generate ... [--parallel cfg=2,sp=K]   (runtime/parallel.py)
-    javisrt generate --model javisdit-v0.1 --checkpoint JavisDiT-v0.1-jav/ --prior JavisDiT-v0.1-prior/ \
+    javisrt generate --checkpoint JavisDiT-v0.1-jav/ --prior JavisDiT-v0.1-prior/ \
         --t5-dir t5-v1_1-xxl/ --imagebind imagebind_huge.pth --vae-dir OpenSora-VAE-v1.2/ \
-        --audioldm2-dir audioldm2/ --num-frames 4s --prompt "..."
+        --audioldm2-dir audioldm2/ --num-frames 4s --prompt "..."   (v0.1: from the checkpoint's config.json)
     javisrt demo --model javisdit-v0.1                  tiny random JavisDiT v0.1 components
     javisrt export --checkpoint DIR --precision bf16|fp8 --flavor native|plugin --out DIR
     javisrt build --onnx DIR --out engine.plan          (TensorRT, GPU only)
@@ -162,9 +162,28 @@ MODELS = ("javisdit++", "javisdit-v0.1")
 
 def add_model_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--model", choices=MODELS, default="javisdit++",
-        help="which family: javisdit++ (Wan2.1-based, default) or javisdit-v0.1 (Open-Sora-based VASTDiT3 + ST-prior)",
+        "--model", choices=MODELS, default=None,
+        help="which family: javisdit++ (Wan2.1-based) or javisdit-v0.1 (Open-Sora-based VASTDiT3 + ST-prior); "
+             "default: javisdit-v0.1 when --checkpoint is a v0.1 directory (its config.json names VASTDiT3), "
+             "else javisdit++",
     )  # fmt: skip
+
+
+def resolve_model(args: argparse.Namespace) -> str:
+    """``args.model``, chosen from the checkpoint when not given; a JavisDiT++ run on a v0.1 checkpoint is
+    refused here, before anything is loaded. Sets and returns ``args.model``."""
+    from javisrt.engine.v01_checkpoint import is_v01_checkpoint
+
+    checkpoint = getattr(args, "checkpoint", None)
+    v01_dir = bool(checkpoint) and is_v01_checkpoint(checkpoint)
+    if args.model is None:
+        args.model = "javisdit-v0.1" if v01_dir else "javisdit++"
+        if v01_dir:
+            log.info("%s is a JavisDiT v0.1 checkpoint: --model javisdit-v0.1", checkpoint)
+    elif args.model == "javisdit++" and v01_dir:
+        raise ConfigError(f"--model javisdit++ but {checkpoint} is a JavisDiT v0.1 checkpoint (VASTDiT3): "
+                          "drop --model or pass --model javisdit-v0.1")  # fmt: skip
+    return str(args.model)
 
 
 def add_v01_weight_flags(p: argparse.ArgumentParser, *, num_frames: bool = True) -> None:
@@ -463,7 +482,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from javisrt.runtime import parallel
     from javisrt.runtime.media import check_writable_dir
 
-    if args.model == "javisdit-v0.1":
+    if resolve_model(args) == "javisdit-v0.1":
         v01_generation_config(args)  # bad flags fail before any file is touched
     else:
         config = generation_config(args)
@@ -537,7 +556,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from javisrt.runtime.demo import DEMO_PROMPT, demo_config, run_demo
     from javisrt.runtime.pipeline import GenerationConfig
 
-    if args.model == "javisdit-v0.1":
+    if resolve_model(args) == "javisdit-v0.1":
         return _demo_v01(args)
     real = bool(args.checkpoint or args.wan_dir or args.audioldm2_dir or (args.engine_file and args.wan_dir))
     given = {k: v for k, v in (("steps", args.steps), ("num_frames", args.frames)) if v is not None}

@@ -179,3 +179,35 @@ def test_prior_round_trip_ignores_text_encoder_keys(tmp_path: Path) -> None:
     save_file(state, tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match="unexpected: unknown.weight"):
         load_st_prior(tmp_path)
+
+
+def test_v01_checkpoint_is_recognised_and_refused_by_the_javisdit_loader(tiny, tmp_path: Path) -> None:
+    """A released-layout v0.1 directory is told apart by its config.json; the JavisDiT++ loader names the
+    v0.1 entry points instead of a generic layout error; the CLI picks --model from it."""
+    import argparse
+
+    from javisrt.engine.checkpoint import read_checkpoint
+    from javisrt.engine.errors import ConfigError
+    from javisrt.engine.v01_checkpoint import is_v01_checkpoint
+    from javisrt.runtime.cli import build_parser, resolve_model
+
+    save_pretrained(tiny, tmp_path / "jav")
+    prior = random_st_prior(STPriorConfig.from_name("tiny"), seed=0)
+    save_pretrained(prior, tmp_path / "prior")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    assert is_v01_checkpoint(tmp_path / "jav") and is_v01_checkpoint(tmp_path / "prior")
+    assert not is_v01_checkpoint(tmp_path / "other") and not is_v01_checkpoint(tmp_path / "missing")
+    with pytest.raises(CheckpointError, match="JavisDiT v0.1 checkpoint.*V01Pipeline.from_pretrained"):
+        read_checkpoint(tmp_path / "jav")
+
+    def model_for(*argv: str) -> str:
+        args: argparse.Namespace = build_parser().parse_args(["generate", "--prompt", "x", *argv])
+        return resolve_model(args)
+
+    assert model_for("--checkpoint", str(tmp_path / "jav")) == "javisdit-v0.1"
+    assert model_for("--checkpoint", str(tmp_path / "other")) == "javisdit++"
+    assert model_for("--tiny") == "javisdit++"
+    assert model_for("--tiny", "--model", "javisdit-v0.1") == "javisdit-v0.1"
+    with pytest.raises(ConfigError, match="is a JavisDiT v0.1 checkpoint"):
+        model_for("--checkpoint", str(tmp_path / "jav"), "--model", "javisdit++")

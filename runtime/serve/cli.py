@@ -118,11 +118,12 @@ V01_ONLY_FLAGS = ("prior", "t5_dir", "imagebind", "vae_dir", "trained_gates")
 
 
 def serve_config(args: argparse.Namespace) -> Any:
+    from javisrt.runtime.cli import resolve_model
     from javisrt.runtime.demo import DEMO_SIZE
     from javisrt.runtime.serve.config import ServeConfig, bucket_sizes, v01_bucket_sizes
     from javisrt.runtime.v01_demo import V01_DEMO_SIZE
 
-    v01 = args.model == JAVISDIT_V01
+    v01 = resolve_model(args) == JAVISDIT_V01
     weights = ("checkpoint", "audioldm2_dir", *V01_ONLY_FLAGS) if v01 else ("checkpoint", "wan_dir", "audioldm2_dir")
     if args.tiny and any(getattr(args, flag) for flag in weights):
         given = ", ".join("--" + f.replace("_", "-") for f in weights if getattr(args, f))
