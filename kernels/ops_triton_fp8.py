@@ -45,6 +45,7 @@ from javisrt.kernels.rope_attention import rope_attention_fp8
 
 __all__ = [
     "ATTENTION_LINEARS",
+    "DEFAULT_LINEAR_IMPL",
     "LINEAR_IMPLS",
     "Fp8Linear",
     "Fp8Plan",
@@ -105,6 +106,7 @@ def triton_fp8_linear(x: torch.Tensor, fp8: Fp8Linear, bias: torch.Tensor | None
 
 
 LINEAR_IMPLS = {"scaled_mm": scaled_mm_linear, "triton": triton_fp8_linear}  # TritonFp8Ops.linear_impl
+DEFAULT_LINEAR_IMPL = "scaled_mm"  # not measured yet: bench/gpu_proof.py part 2 decides (module docstring)
 
 
 def check_linear_impl(linear_impl: str) -> str:
@@ -151,7 +153,7 @@ class TritonFp8Ops(TritonOps):
     name: str = "triton-fp8"
     plan: Fp8Plan | None = field(default=None, repr=False)
     layer: nn.Module | None = field(default=None, repr=False)
-    linear_impl: str = "scaled_mm"
+    linear_impl: str = DEFAULT_LINEAR_IMPL
 
     def __post_init__(self) -> None:
         check_linear_impl(self.linear_impl)
@@ -163,7 +165,7 @@ class TritonFp8Ops(TritonOps):
             )
 
     @classmethod
-    def prepare(cls, model: nn.Module, scales: Mapping[str, torch.Tensor], linear_impl: str = "scaled_mm") -> TritonFp8Ops:
+    def prepare(cls, model: nn.Module, scales: Mapping[str, torch.Tensor], linear_impl: str = DEFAULT_LINEAR_IMPL) -> TritonFp8Ops:
         """The op set for ``model`` (its weights quantized to e4m3 now, on their device) with ``scales``:
         per-tensor fp32 scales keyed as :func:`linear_scale_keys` / :func:`attention_scale_keys` by the
         model's module names (``blocks.3.self_attn.q``). Every quantized layer must have its scales.

@@ -212,6 +212,44 @@ def test_linear_impl_is_validated(calibrated) -> None:  # type: ignore[no-untype
         dataclasses.replace(ops, linear_impl="")
 
 
+def test_fp8_linear_plumbing_engine_and_cli(calibrated, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    """``fp8_linear=`` reaches the prepared op set (and for_mode's engines); it is refused off triton-fp8, an
+    unknown value is a ConfigError, and both CLIs take ``--fp8-linear scaled_mm|triton`` only."""
+    import argparse
+
+    from javisrt.bench import cli as bench_cli
+    from javisrt.runtime import cli
+    from javisrt.runtime.backends import create_engine
+    from javisrt.runtime.backends.torch_engine import TorchEngine
+
+    plain, _, scales, _ = calibrated
+    engine = TorchEngine(copy.deepcopy(plain), ops="triton-fp8", fp8_scales=scales.scales, fp8_linear="triton")
+    engine.load()
+    assert engine.model.ops.linear_impl == "triton"
+    assert engine.for_mode("t2a").model.ops is engine.model.ops
+    with pytest.raises(ConfigError, match="unknown FP8 Linear implementation 'cutlass'"):
+        TorchEngine(copy.deepcopy(plain), ops="triton-fp8", fp8_scales=scales.scales, fp8_linear="cutlass")
+    with pytest.raises(ConfigError, match="--fp8-linear"):
+        create_engine("torch", model=copy.deepcopy(plain), ops="triton", fp8_linear="triton")
+    with pytest.raises(ConfigError, match="--fp8-linear"):
+        create_engine("onnxruntime", engine_file="x.onnx", fp8_linear="triton")
+
+    for register in (cli.build_parser, None):
+        if register is None:
+            parser = argparse.ArgumentParser(prog="javisrt")
+            bench_cli.register(parser.add_subparsers(dest="command"))
+            argv = ["bench"]
+        else:
+            parser, argv = register(), ["generate", "--tiny", "--prompt", "x"]
+        assert parser.parse_args([*argv, "--fp8-linear", "triton"]).fp8_linear == "triton"
+        assert parser.parse_args(argv).fp8_linear is None  # the op set's default
+        with pytest.raises(SystemExit):
+            parser.parse_args([*argv, "--fp8-linear", "cublas"])
+        assert "--fp8-linear {scaled_mm,triton}" in capsys.readouterr().err
+    assert cli.main(["generate", "--tiny", "--prompt", "x", "--fp8-linear", "triton", "--quiet"]) == cli.EXIT_ERROR
+    assert "--ops triton-fp8" in capsys.readouterr().err
+
+
 def test_op_set_needs_its_scales(calibrated) -> None:  # type: ignore[no-untyped-def]
     plain, _, scales, _ = calibrated
     with pytest.raises(ConfigError, match="fp8-scales"):
