@@ -76,3 +76,19 @@ def test_fp8_linear_errors() -> None:
         fp8_linear(x, w8, s_w.expand(2), s_x, b)
     with pytest.raises(ShapeError, match="fp32/fp16/bf16"):
         fp8_linear(x.double(), w8, s_w, s_x, b)
+
+
+# ---- GPU (bf16, compiled kernel, released shape) -------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_fp8_linear_bf16_cuda_released_shape() -> None:
+    """An attention Linear at the released size: M = 2 x 7301 tokens (ragged against BLOCK_M 128), K = N = 1536,
+    bf16 activations; same emulation and tolerance rule as the CPU test (output rounding in bf16)."""
+    x, w8, s_w, s_x, b = _problem(2 * 7301, 1536, 1536, seed=1, dtype=torch.bfloat16)
+    got = fp8_linear(x, w8, s_w, s_x, b)
+    ref = fp8_linear_ref(x.double(), w8, s_w, s_x, b.double(), reciprocal=True)
+    emu32 = fp8_linear_ref(x.float(), w8, s_w, s_x, b.float(), reciprocal=True)
+    atol = 2 * max_err(emu32, ref) + noise_floor(ref, torch.bfloat16)
+    print(f"fp8_linear cuda bf16 14602x1536x1536: max {max_err(got, ref):.3e} rel {rel_err(got, ref):.2e} atol {atol:.3e}")
+    assert_within(got, ref, atol, "fp8_linear cuda")

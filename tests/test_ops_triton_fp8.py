@@ -250,6 +250,19 @@ def test_fp8_linear_plumbing_engine_and_cli(calibrated, capsys: pytest.CaptureFi
     assert "--ops triton-fp8" in capsys.readouterr().err
 
 
+def test_gpu_proof_faster_row_is_computed_from_the_timings() -> None:
+    """bench/gpu_proof.py part 2's ``attention_linears_faster``: the candidate with fewer ms, never a
+    constant; skipped (with the reason) while a candidate is not timed, as _scaled_mm on the CPU."""
+    from javisrt.bench.gpu_proof import faster_row
+
+    names = {"scaled_mm": "a", "triton": "b"}
+    row = faster_row({"a": {"status": "ok", "ms": 2.0}, "b": {"status": "ok", "ms": 1.6}}, names)
+    assert (row["status"], row["faster"], row["speedup"]) == ("ok", "triton", 1.25)
+    assert faster_row({"a": {"status": "ok", "ms": 1.0}, "b": {"status": "ok", "ms": 1.6}}, names)["faster"] == "scaled_mm"
+    row = faster_row({"a": {"status": "skipped: torch._scaled_mm is timed on an FP8 GPU only"}, "b": {"status": "ok", "ms": 1.6}}, names)
+    assert row["status"].startswith("skipped") and "scaled_mm: skipped" in row["status"] and "faster" not in row
+
+
 def test_op_set_needs_its_scales(calibrated) -> None:  # type: ignore[no-untyped-def]
     plain, _, scales, _ = calibrated
     with pytest.raises(ConfigError, match="fp8-scales"):
