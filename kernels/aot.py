@@ -199,13 +199,13 @@ def kernel_specs(dtypes: tuple[str, ...] = ("bf16", "fp8"), head_dims: tuple[int
         ))  # fmt: skip
         if fp8:  # the attention Linears (d -> d) through the Triton FP8 GEMM (ops_triton_fp8 linear_impl="triton")
             k = fp8_linear._fp8_linear_kernel
-            cfg = modality_ffn.launch_config(dim, dim, fp8, interpreted=False)
+            linear_cfg = modality_ffn.launch_config(dim, dim, fp8, interpreted=False)
             specs.append(KernelSpec(
                 f"fp8_linear.{dt}.k{dim}.n{dim}", k,
                 {"x_ptr": p, "w_ptr": wt, "bias_ptr": p, "in_scale_ptr": "*fp32", "w_scale_ptr": "*fp32", "out_ptr": p},
-                {**_inner_strides(k), "SOFT_ROUND": False, "EVEN_K": dim % cfg.block_k == 0,
-                 "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m},
-                cfg.num_warps, cfg.num_stages, True,
+                {**_inner_strides(k), "SOFT_ROUND": False, "EVEN_K": dim % linear_cfg.block_k == 0,
+                 "BLOCK_M": linear_cfg.block_m, "BLOCK_N": linear_cfg.block_n, "BLOCK_K": linear_cfg.block_k, "GROUP_M": linear_cfg.group_m},
+                linear_cfg.num_warps, linear_cfg.num_stages, True,
             ))  # fmt: skip
     return specs
 
