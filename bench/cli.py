@@ -68,6 +68,10 @@ def register(subparsers: Any) -> None:
     m.add_argument("--fp8-scales", type=Path, default=None,
                    help="--ops triton-fp8: the scales sidecar (default: CHECKPOINT.fp8-scales.safetensors; "
                    "`javisrt export --checkpoint CHECKPOINT --fp8-scales` makes it)")
+    m.add_argument("--fp8-linear", choices=("scaled_mm", "triton"), default=None,
+                   help="--ops triton-fp8: the attention Linears' e4m3 GEMM. scaled_mm: a Triton activation-quantization "
+                   "launch, then torch._scaled_mm; triton: one Triton FP8 GEMM quantizing the activation in its "
+                   "prologue (kernels/fp8_linear.py). Default scaled_mm")
     m.add_argument("--engine-file", type=Path,
                    help="onnxruntime: the .onnx to run (default: export the random model's fp32 native graph); "
                    "tensorrt: the .plan (required). Its metadata gives the network: no eager model is built")
@@ -177,6 +181,15 @@ def build_model(args: argparse.Namespace, device: torch.device) -> Any:
     return random_model(cfg, args.numerics, device)
 
 
+def _fp8_linear_record(args: argparse.Namespace) -> dict[str, str]:
+    """``{"fp8_linear": impl}`` for ``--ops triton-fp8`` (the implementation that ran), else nothing."""
+    if args.ops != "triton-fp8":
+        return {}
+    from javisrt.kernels.ops_triton_fp8 import DEFAULT_LINEAR_IMPL
+
+    return {"fp8_linear": args.fp8_linear if args.fp8_linear is not None else DEFAULT_LINEAR_IMPL}
+
+
 def make_engine(
     backend: str, model: Any, device: torch.device, args: argparse.Namespace, engine_file: Path | None,
     workdir: Path, profile_prefix: Path | None = None,
@@ -189,7 +202,8 @@ def make_engine(
 
             scales = default_path(args.checkpoint)
         return create_engine(
-            "torch", model=model, ops=args.ops, device=device, cuda_graphs=args.useCudaGraph, fp8_scales=scales
+            "torch", model=model, ops=args.ops, device=device, cuda_graphs=args.useCudaGraph, fp8_scales=scales,
+            fp8_linear=args.fp8_linear,
         )
     if backend == "tensorrt" and engine_file is None:
         raise ConfigError("--backend tensorrt needs --engine-file PLAN (build one with `javisrt build`)")
@@ -406,7 +420,7 @@ def _report(m: Measurement, args: argparse.Namespace, opts: InferenceOptions, pe
         print("Note: CPU engines are synchronous: Enqueue Time includes the compute, so the enqueue warning is expected.")
     return {
         "backend": m.target, "model": args.preset if args.checkpoint is None else str(args.checkpoint),
-        "numerics": args.numerics, "ops": args.ops, "dims": dims, "queries": len(m.queries),
+        "numerics": args.numerics, "ops": args.ops, **_fp8_linear_record(args), "dims": dims, "queries": len(m.queries),
         "latency_median_ms": summary.latency.median, "compute_median_ms": summary.compute.median,
         "compute_cov_percent": summary.compute.cov_percent, "throughput_qps": summary.throughput_qps,
         "tflops": achieved, "tflop_per_query": flops / 1e12,

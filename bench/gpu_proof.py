@@ -14,8 +14,9 @@ Parts (``--parts 0,2`` reruns a selection; each writes its JSON into ``--out`` t
                                                                                     part1_junit.xml
   2 kernels      released shapes (B=2, L=7301 = 6885 video + 416 audio tokens, 12 heads x 128, text 512),
                  timed with triton.testing.do_bench (median): our attention vs RoPE + SDPA (flash, cuDNN),
-                 the FFN vs torch and bare cuBLAS GEMMs, the FP8 kernels vs the FFN GEMMs in torch._scaled_mm, adaLN vs
-                 torch; ms, TFLOP/s and % of the measured matmul ceiling        -> part2_kernels.json
+                 the FFN vs torch and bare cuBLAS GEMMs, the FP8 kernels vs the FFN GEMMs in torch._scaled_mm, the
+                 attention Linears in bf16 / torch._scaled_mm / our Triton FP8 GEMM (which FP8 one is faster), adaLN
+                 vs torch; ms, TFLOP/s and % of the measured matmul ceiling     -> part2_kernels.json
   3 forward      one DiT forward, released preset, random weights, bf16, 240p/65 f (CFG batch 2):
                  each op set x eager / CUDA-graph replay: ms, TFLOP/s, % ceiling, rel. diff vs torch
                                                                                  -> part3_forward.json
@@ -466,6 +467,17 @@ def ffn_flop(s: Shapes) -> float:
     return 4.0 * s.batch * s.dim * (s.video_tokens * s.ffn_dim + s.audio_tokens * s.audio_ffn_dim)
 
 
+def faster_row(rows: dict[str, Any], candidates: dict[str, str]) -> dict[str, Any]:
+    """Which of ``candidates`` (label -> row name in ``rows``) measured the fewest ms, and by how much
+    (``speedup``: the slower's ms / the faster's); skipped unless every candidate's row is ok."""
+    missing = {label: _get(rows, name, "status") for label, name in candidates.items() if _get(rows, name, "status") != "ok"}
+    if missing:
+        return {"status": "skipped: needs every candidate timed (" + "; ".join(f"{k}: {v}" for k, v in missing.items()) + ")"}
+    ms = {label: float(rows[name]["ms"]) for label, name in candidates.items()}
+    order = sorted(ms, key=ms.__getitem__)
+    return {"status": "ok", "faster": order[0], "ms": ms, "speedup": round(ms[order[-1]] / ms[order[0]], 3)}
+
+
 def part_kernels(opts: ProofOptions, deadline: Deadline) -> dict[str, Any]:
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -475,7 +487,7 @@ def part_kernels(opts: ProofOptions, deadline: Deadline) -> dict[str, Any]:
     from javisrt.kernels.fp8 import amax_scale, to_e4m3
     from javisrt.kernels.modality_ffn import modality_ffn, modality_ffn_fp8, quantize_ffn_weights
     from javisrt.kernels.rope_attention import rope_attention, rope_attention_fp8
-    from javisrt.kernels.ops_triton_fp8 import Fp8Linear, scaled_mm_linear
+    from javisrt.kernels.ops_triton_fp8 import Fp8Linear, scaled_mm_linear, triton_fp8_linear
 
     s, dev = opts.shapes, opts.device
     ceil, copy_gbps = ceilings(opts)
@@ -563,9 +575,11 @@ def part_kernels(opts: ProofOptions, deadline: Deadline) -> dict[str, Any]:
     else:
         fp8["scaled_mm_ffn_gemms"] = {"status": "skipped: torch._scaled_mm is timed on an FP8 GPU only"}
     # The attention Linears of one block (self-attn q/k/v/o and cross-attn q/o on L tokens, cross-attn k/v
-    # on the text), as the triton-fp8 op set runs them (kernels/ops_triton_fp8.scaled_mm_linear: the static
-    # activation quantization + torch._scaled_mm + bias) vs the activation-dtype F.linear. No Triton FP8 GEMM
-    # is written: this row is the measurement that decides whether one is worth writing.
+    # on the text), as the triton-fp8 op set runs them with either linear_impl, activation quantization
+    # included in both: "scaled_mm" (kernels/ops_triton_fp8.scaled_mm_linear: a Triton quantization launch +
+    # torch._scaled_mm + bias) and "triton" (kernels/fp8_linear.fp8_linear: one GEMM quantizing x in its
+    # prologue), vs the activation-dtype F.linear. attention_linears_faster says which FP8 one won: the
+    # op set's default (ops_triton_fp8.DEFAULT_LINEAR_IMPL) should follow it.
     lin_x = torch.randn(s.batch, L, s.dim, device=dev, dtype=dtype)
     lin_t = torch.randn(s.batch, s.text_len, s.dim, device=dev, dtype=dtype)
     lin_w = torch.randn(s.dim, s.dim, device=dev, dtype=dtype) / s.dim**0.5
@@ -589,7 +603,10 @@ def part_kernels(opts: ProofOptions, deadline: Deadline) -> dict[str, Any]:
              lambda: figures(bench_ms(linears(lambda a: scaled_mm_linear(a, fp8_lin, lin_b)), dev), lin_flop, ceil))  # fmt: skip
     else:
         fp8["attention_linears_scaled_mm"] = {"status": "skipped: torch._scaled_mm is timed on an FP8 GPU only"}
-    fp8["attention_linears_triton_fp8_gemm"] = {"status": "not written: the op set uses torch._scaled_mm (compare the two rows above)"}
+    item(fp8, "attention_linears_triton_fp8_gemm", deadline,
+         lambda: figures(bench_ms(linears(lambda a: triton_fp8_linear(a, fp8_lin, lin_b)), dev), lin_flop, ceil))  # fmt: skip
+    fp8["attention_linears_faster"] = faster_row(fp8, {"scaled_mm": "attention_linears_scaled_mm",
+                                                       "triton": "attention_linears_triton_fp8_gemm"})  # fmt: skip
     res["fp8"] = fp8
 
     # -- adaLN modulate (memory-bound: read x, write y) --
@@ -953,6 +970,8 @@ def _fmt(row: dict[str, Any]) -> str:
         bits.append(f"{row['pct_matmul_ceiling']:.0f}% of matmul")
     if row.get("gbps") is not None:
         bits.append(f"{row['gbps']:.0f} GB/s ({row.get('pct_copy_ceiling')}% of copy)")
+    if row.get("faster") is not None:
+        bits.append(f"faster: {row['faster']} ({row['speedup']:.2f}x)")
     rd = row.get("rel_diff_vs_torch")
     if rd:
         bits.append("rel diff " + ", ".join(f"{k} {v:.1e}" for k, v in rd.items()))

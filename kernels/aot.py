@@ -39,7 +39,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 
 from javisrt.engine.errors import UnavailableError
-from javisrt.kernels import adaln_modulate, is_interpreted, modality_ffn, rope_attention
+from javisrt.kernels import adaln_modulate, fp8_linear, is_interpreted, modality_ffn, rope_attention
 
 TARGET = GPUTarget("cuda", 90, 32)  # sm_90a (H100/H200), warp size 32
 PTX_VERSION = 87  # PTX ISA 8.7 (CUDA 12.8, Triton 3.7.1's ptxas); any r570+ driver can JIT it
@@ -85,7 +85,7 @@ class KernelSpec:
 
     def attrs(self) -> dict[tuple[int, ...], list[list[Any]]]:
         """tt.divisibility 16 on every pointer and on every int except sequence lengths (AOT contract)."""
-        free = {"L", "Lq", "Lk", "Lv", "H"}
+        free = {"L", "Lq", "Lk", "Lv", "H", "M"}
         return {
             (i,): [["tt.divisibility", 16]]
             for i, a in enumerate(self.arg_names)
@@ -127,7 +127,7 @@ def _inner_strides(kernel: Any) -> dict[str, int]:
     """Innermost strides (names ending in d/f/k with unit stride in contiguous layouts) as constexpr 1."""
     unit = {
         "stride_xd", "stride_sd", "stride_cd", "stride_od", "stride_qd", "stride_kd", "stride_vd",
-        "stride_md", "stride_wk", "stride_hf",
+        "stride_md", "stride_wk", "stride_hf", "stride_xk", "stride_on",
     }  # fmt: skip
     return {a: 1 for a in kernel.arg_names if a in unit}
 
@@ -197,6 +197,16 @@ def kernel_specs(dtypes: tuple[str, ...] = ("bf16", "fp8"), head_dims: tuple[int
              "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m},
             cfg.num_warps, cfg.num_stages, True,
         ))  # fmt: skip
+        if fp8:  # the attention Linears (d -> d) through the Triton FP8 GEMM (ops_triton_fp8 linear_impl="triton")
+            k = fp8_linear._fp8_linear_kernel
+            linear_cfg = modality_ffn.launch_config(dim, dim, fp8, interpreted=False)
+            specs.append(KernelSpec(
+                f"fp8_linear.{dt}.k{dim}.n{dim}", k,
+                {"x_ptr": p, "w_ptr": wt, "bias_ptr": p, "in_scale_ptr": "*fp32", "w_scale_ptr": "*fp32", "out_ptr": p},
+                {**_inner_strides(k), "SOFT_ROUND": False, "EVEN_K": dim % linear_cfg.block_k == 0,
+                 "BLOCK_M": linear_cfg.block_m, "BLOCK_N": linear_cfg.block_n, "BLOCK_K": linear_cfg.block_k, "GROUP_M": linear_cfg.group_m},
+                linear_cfg.num_warps, linear_cfg.num_stages, True,
+            ))  # fmt: skip
     return specs
 
 
@@ -217,6 +227,7 @@ def int_arg_values(spec: KernelSpec, **shape: int) -> dict[str, int]:
     """Values of every runtime int argument for contiguous tensors of the given shape.
 
     adaln_modulate: B, L, d.  rope/cross_attention: B, Lq, Lk, H, D.  ffn_up/ffn_down: B, Lv, L, d, F.
+    fp8_linear: M (tokens, B * L), N, K.
     """
     kind = spec.name.split(".")[0]
     if kind == "adaln_modulate":
@@ -238,6 +249,9 @@ def int_arg_values(spec: KernelSpec, **shape: int) -> dict[str, int]:
         act = {"stride_xb": L * d, "stride_xl": d, "stride_ob": L * d, "stride_ol": d}
         w = {"stride_wn": d if kind == "ffn_up" else f}  # w1 [F, d]: row stride d; w2 [d, F]: row stride F
         return {"Lv": lv, "L": L, "D": d, "F": f, **mod, **act, **w, "stride_hb": L * f, "stride_hl": f}
+    if kind == "fp8_linear":
+        m, n, k = shape["M"], shape["N"], shape["K"]
+        return {"M": m, "N": n, "K": k, "stride_xm": k, "stride_wn": k, "stride_om": n}
     raise KeyError(kind)
 
 
@@ -249,6 +263,8 @@ def launch_params(spec: KernelSpec, info: CompiledInfo | None = None, **shape: i
         grid = adaln_modulate.grid(shape["B"], shape["L"], c["BLOCK_M"])
     elif kind in ("rope_attention", "cross_attention"):
         grid = rope_attention.grid(shape["B"], shape["H"], shape["Lq"], c["BLOCK_M"])
+    elif kind == "fp8_linear":
+        grid = fp8_linear.grid(shape["M"], shape["N"], c["BLOCK_M"], c["BLOCK_N"])
     else:
         n = shape["F"] if kind == "ffn_up" else shape["d"]
         grid = modality_ffn.grid(shape["B"], shape["Lv"], shape["L"], n, c["BLOCK_M"], c["BLOCK_N"])

@@ -39,6 +39,7 @@ from javisrt.engine.errors import ConfigError, ShapeError
 from javisrt.engine.ops import FFNWeights, Modulation, modality_ffn_ref, modulate_ref
 from javisrt.kernels import is_interpreted
 from javisrt.kernels.fp8 import amax_scale, quant_e4m3, quantize_e4m3_ref, to_e4m3
+from javisrt.kernels.tiling import grouped_tile
 
 __all__ = [
     "FFNConfig",
@@ -57,17 +58,11 @@ assert modality_ffn_ref  # the PyTorch reference lives at the op seam (engine/op
 def _expert_tile(pid, Lv, L, tiles_n, BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr):
     """Map a linear tile id to (is_audio, first row, row end, n tile).
 
-    M tiles: cdiv(Lv, BLOCK_M) video tiles, then cdiv(L - Lv, BLOCK_M) audio tiles; grouped ordering
-    (GROUP_M M tiles sweep the N tiles together) so a group's W tiles stay in L2 (Triton tutorial 03).
+    M tiles: cdiv(Lv, BLOCK_M) video tiles, then cdiv(L - Lv, BLOCK_M) audio tiles, in grouped order
+    (kernels/tiling.grouped_tile).
     """
     tiles_v = tl.cdiv(Lv, BLOCK_M)
-    tiles_m = tiles_v + tl.cdiv(L - Lv, BLOCK_M)
-    num_pid_in_group = GROUP_M * tiles_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(tiles_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(pid, tiles_v + tl.cdiv(L - Lv, BLOCK_M), tiles_n, GROUP_M)
     is_audio = pid_m >= tiles_v
     row0 = tl.where(is_audio, Lv + (pid_m - tiles_v) * BLOCK_M, pid_m * BLOCK_M)
     row_end = tl.where(is_audio, L, Lv)

@@ -6,10 +6,13 @@ What runs in e4m3 (per-tensor scales, ``x_fp8 = sat(x / scale)``, fp32 accumulat
     quantized after the in-kernel RoPE, V, and P as ``P * 256``);
   * the per-modality FFN: :func:`~javisrt.kernels.modality_ffn.modality_ffn_fp8` (modulated input and
     GELU output quantized with their calibrated scales, e4m3 weights);
-  * the attention q/k/v/o Linears: ``torch._scaled_mm`` (the activation quantized with its static
-    calibrated scale, the e4m3 weight with its per-tensor scale, output in the activation dtype). A
-    Triton FP8 GEMM is not written; ``bench/gpu_proof.py`` part 2 times ``_scaled_mm`` on these shapes
-    against the bf16 GEMM, so which is faster on a GPU is measured there, not assumed here.
+  * the attention q/k/v/o Linears (the activation quantized with its static calibrated scale, the e4m3
+    weight with its per-tensor scale, output in the activation dtype), by ``linear_impl``:
+    ``"scaled_mm"`` (default): :func:`scaled_mm_linear`, a Triton quantization launch then
+    ``torch._scaled_mm``; ``"triton"``: :func:`~javisrt.kernels.fp8_linear.fp8_linear`, one Triton GEMM
+    quantizing x in its prologue. The default is not a measured choice (there is no GPU where this was
+    written): ``bench/gpu_proof.py`` part 2 times both on these shapes (rows ``attention_linears_*``,
+    ``attention_linears_faster``), and that measurement decides.
 
 Everything else (embeddings, modulation tables, RMSNorm, heads) is the ``triton`` op set's.
 
@@ -35,18 +38,23 @@ from torch import nn
 from javisrt.engine.errors import ConfigError
 from javisrt.engine.ops import Expert, Modulation, OpSet
 from javisrt.kernels.fp8 import quantize_e4m3, to_e4m3
+from javisrt.kernels.fp8_linear import fp8_linear
 from javisrt.kernels.modality_ffn import FP8FFNWeights, modality_ffn_fp8
 from javisrt.kernels.ops_triton import TritonOps
 from javisrt.kernels.rope_attention import rope_attention_fp8
 
 __all__ = [
     "ATTENTION_LINEARS",
+    "DEFAULT_LINEAR_IMPL",
+    "LINEAR_IMPLS",
     "Fp8Linear",
     "Fp8Plan",
     "TritonFp8Ops",
     "attention_scale_keys",
+    "check_linear_impl",
     "linear_scale_keys",
     "scaled_mm_linear",
+    "triton_fp8_linear",
 ]
 
 ATTENTION_LINEARS = ("q", "k", "v", "o")  # the quantized Linears of every self- and cross-attention
@@ -91,6 +99,26 @@ def scaled_mm_linear(x: torch.Tensor, fp8: Fp8Linear, bias: torch.Tensor | None)
     return out.reshape(*lead, out.shape[-1])
 
 
+def triton_fp8_linear(x: torch.Tensor, fp8: Fp8Linear, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ W^T + b`` through the Triton FP8 GEMM (:func:`~javisrt.kernels.fp8_linear.fp8_linear`: x
+    quantized to e4m3 by its static scale in the GEMM's prologue); same contract as :func:`scaled_mm_linear`."""
+    return fp8_linear(x, fp8.weight, fp8.weight_scale, fp8.input_scale, bias)
+
+
+LINEAR_IMPLS = {"scaled_mm": scaled_mm_linear, "triton": triton_fp8_linear}  # TritonFp8Ops.linear_impl
+DEFAULT_LINEAR_IMPL = "scaled_mm"  # not measured yet: bench/gpu_proof.py part 2 decides (module docstring)
+
+
+def check_linear_impl(linear_impl: str) -> str:
+    """``linear_impl`` when it names an FP8 Linear implementation (:data:`LINEAR_IMPLS`), else ConfigError."""
+    if linear_impl not in LINEAR_IMPLS:
+        raise ConfigError(
+            f"triton-fp8: unknown FP8 Linear implementation {linear_impl!r}; choose one of "
+            f"{', '.join(LINEAR_IMPLS)} (--fp8-linear)"
+        )
+    return linear_impl
+
+
 @dataclass(frozen=True, eq=False)
 class Fp8Plan:
     """The prepared FP8 state of one model: e4m3 weights and scales, keyed by the model's modules."""
@@ -119,13 +147,16 @@ def _fp8_linear(layer: nn.Linear, scales: Mapping[str, torch.Tensor], name: str)
 @dataclass(frozen=True, eq=False)
 class TritonFp8Ops(TritonOps):
     """The Triton kernels in e4m3 with calibrated per-tensor scales (module docstring); build it with
-    :meth:`prepare`. ``layer`` is the attention module bound by :meth:`for_layer`."""
+    :meth:`prepare`. ``layer`` is the attention module bound by :meth:`for_layer`. ``linear_impl``: the
+    attention Linears' implementation, a key of :data:`LINEAR_IMPLS` (module docstring)."""
 
     name: str = "triton-fp8"
     plan: Fp8Plan | None = field(default=None, repr=False)
     layer: nn.Module | None = field(default=None, repr=False)
+    linear_impl: str = DEFAULT_LINEAR_IMPL
 
     def __post_init__(self) -> None:
+        check_linear_impl(self.linear_impl)
         if self.plan is None:
             raise ConfigError(
                 "the triton-fp8 op set needs the model's FP8 scales: make the sidecar with "
@@ -134,10 +165,12 @@ class TritonFp8Ops(TritonOps):
             )
 
     @classmethod
-    def prepare(cls, model: nn.Module, scales: Mapping[str, torch.Tensor]) -> TritonFp8Ops:
+    def prepare(cls, model: nn.Module, scales: Mapping[str, torch.Tensor], linear_impl: str = DEFAULT_LINEAR_IMPL) -> TritonFp8Ops:
         """The op set for ``model`` (its weights quantized to e4m3 now, on their device) with ``scales``:
         per-tensor fp32 scales keyed as :func:`linear_scale_keys` / :func:`attention_scale_keys` by the
-        model's module names (``blocks.3.self_attn.q``). Every quantized layer must have its scales."""
+        model's module names (``blocks.3.self_attn.q``). Every quantized layer must have its scales.
+        ``linear_impl``: the attention Linears' implementation (a key of :data:`LINEAR_IMPLS`)."""
+        check_linear_impl(linear_impl)  # before quantizing the weights
         from javisrt.engine.model import Block, SelfAttention  # CrossAttention derives from SelfAttention
 
         head_dim = getattr(getattr(model, "cfg", None), "head_dim", None)
@@ -166,7 +199,7 @@ class TritonFp8Ops(TritonOps):
                     experts[expert] = (up.weight, down.weight, s)
         if not attention:
             raise ConfigError("triton-fp8: the model has no attention modules to quantize")
-        return cls(plan=Fp8Plan(linears, attention, experts, names))
+        return cls(plan=Fp8Plan(linears, attention, experts, names), linear_impl=linear_impl)
 
     def _plan(self) -> Fp8Plan:
         assert self.plan is not None  # __post_init__
@@ -185,7 +218,7 @@ class TritonFp8Ops(TritonOps):
         fp8 = self._plan().linears.get(layer)
         if fp8 is None:
             raise self._missing(layer, "weights")
-        return scaled_mm_linear(x, fp8, layer.bias)
+        return LINEAR_IMPLS[self.linear_impl](x, fp8, layer.bias)
 
     def attention(
         self,

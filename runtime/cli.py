@@ -227,6 +227,12 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
         "checkpoint; `javisrt export --checkpoint CHECKPOINT --fp8-scales` makes it)",
     )  # fmt: skip
     g.add_argument(
+        "--fp8-linear", choices=["scaled_mm", "triton"], default=None,
+        help="--ops triton-fp8: how the attention q/k/v/o Linears run in e4m3. scaled_mm: a Triton activation-"
+        "quantization launch, then torch._scaled_mm (cuBLASLt); triton: one Triton FP8 GEMM that quantizes the "
+        "activation in its prologue (kernels/fp8_linear.py). Default scaled_mm (bench/gpu_proof.py part 2 times both)",
+    )  # fmt: skip
+    g.add_argument(
         "--loop", choices=["auto", "host", "device"], default="auto",
         help="sampling loop: device (CUDA: latents stay in the engine's device buffers, one CUDA graph per "
         "shape bucket replayed each step), host (numpy hand-off each step; the CPU path) or auto (device on "
@@ -375,7 +381,7 @@ def _load_pipeline(args: argparse.Namespace, tiny: bool, device: Any = None, par
     if tiny:
         if args.checkpoint or args.wan_dir or args.audioldm2_dir:
             raise ConfigError("--tiny uses random weights; do not combine it with --checkpoint/--wan-dir/--audioldm2-dir")
-        if args.ops == "triton-fp8" or args.fp8_scales is not None:
+        if args.ops == "triton-fp8" or args.fp8_scales is not None or args.fp8_linear is not None:
             raise ConfigError("--ops triton-fp8 runs a calibrated checkpoint: the tiny preset's head_dim 32 is below "
                               "the e4m3 attention kernel's 64 (bench/fp8_fidelity.py measures FP8 on small configs)")
         return build_tiny_pipeline(
@@ -396,6 +402,7 @@ def _load_pipeline(args: argparse.Namespace, tiny: bool, device: Any = None, par
         engine_file=args.engine_file,
         ops=args.ops,
         fp8_scales=args.fp8_scales,
+        fp8_linear=args.fp8_linear,
         parallel=parallel,
         loop=args.loop,
         cuda_graphs=args.cuda_graphs,

@@ -235,6 +235,7 @@ class JavisPipeline:
         engine_file: str | os.PathLike[str] | None = None,
         ops: str = "torch",
         fp8_scales: str | os.PathLike[str] | None = None,
+        fp8_linear: str | None = None,
         text_cache: PromptCache | None = None,
         parallel: Any = None,
         loop: DenoiseLoop | str = DenoiseLoop.AUTO,
@@ -250,8 +251,9 @@ class JavisPipeline:
         ``--parallel`` launch (the torch engine's forward then runs over the ranks). ``loop``: the
         sampling loop; ``cuda_graphs``: capture the DiT step as a CUDA graph per bucket (default:
         :func:`default_cuda_graphs`; False makes the device loop enqueue the engine each step).
-        ``ops`` / ``fp8_scales``: the torch engine's op set and, for ``triton-fp8``, its scales sidecar
-        (default: next to the checkpoint; see :func:`~javisrt.runtime.backends.create_engine`).
+        ``ops`` / ``fp8_scales`` / ``fp8_linear``: the torch engine's op set and, for ``triton-fp8``, its scales
+        sidecar (default: next to the checkpoint) and attention-Linear implementation (see
+        :func:`~javisrt.runtime.backends.create_engine`).
         """
         for what, path in (("checkpoint", checkpoint), ("engine file", engine_file), ("Wan2.1 directory", wan_dir)):
             if path is not None and not Path(path).exists():
@@ -259,7 +261,7 @@ class JavisPipeline:
         engine = create_engine(
             backend, checkpoint=checkpoint, config=config if backend == "torch" else None, engine_file=engine_file,
             numerics=numerics if backend == "torch" else None, device=device, ops=ops, parallel=parallel,
-            fp8_scales=fp8_scales, cuda_graphs=default_cuda_graphs(backend, device) if cuda_graphs is None else cuda_graphs,
+            fp8_scales=fp8_scales, fp8_linear=fp8_linear, cuda_graphs=default_cuda_graphs(backend, device) if cuda_graphs is None else cuda_graphs,
         )  # fmt: skip
         cfg = engine.contract.config
         text = TextEncoder.from_pretrained(wan_dir, dtype=text_dtype, device=device, text_len=cfg.text_len, cache=text_cache)

@@ -3,7 +3,7 @@
 The compile runs in a child process without TRITON_INTERPRET (conftest.py sets it on machines without a
 GPU, and kernels decorated under it are interpreter objects). Checks per configuration (bf16 and fp8): PTX targets
 sm_90a at the pinned PTX ISA, no local-memory spills, shared memory within the H100 per-block limit,
-wgmma in the attention and GEMM kernels, no global scratch (a TensorRT AOT plugin cannot provide it),
+wgmma in the attention and GEMM kernels (the FFN and the FP8 Linear), no global scratch (a TensorRT AOT plugin cannot provide it),
 and a PTX entry whose parameters are exactly pointers + int scalars + Triton's two implicit scratch
 pointers. The launch math is checked against torch's strides of contiguous tensors.
 """
@@ -26,6 +26,7 @@ EXPECTED = {
     "rope_attention.fp8.hd128",
     "ffn_up.fp8.d1536.f8960",
     "ffn_down.fp8.d1536.f8960",
+    "fp8_linear.fp8.k1536.n1536",
 }
 
 
@@ -101,5 +102,11 @@ def test_launch_math_240p() -> None:
     assert "stride_cl" not in dict(cross.int_args) and dict(cross.int_args)["stride_kb"] == _strides(b, 512, h, hd)[0]
     mod = aot.launch_params(_spec("adaln_modulate"), B=b, L=L, d=d)
     assert mod.grid == (-(-L // 4), b, 1)
-    for p in (up, down, att, cross, mod):
+    lin = aot.launch_params(_spec("fp8_linear.fp8"), M=b * L, N=d, K=d)  # an attention Linear on B*L tokens
+    assert lin.grid == (115 * 12, 1, 1) and lin.block == (256, 1, 1)  # cdiv(14602, 128) M tiles x 1536/128 N tiles
+    la = dict(lin.int_args)
+    assert (la["M"], la["N"], la["K"]) == (b * L, d, d)
+    assert la["stride_xm"] == _strides(b * L, d)[0] and la["stride_wn"] == _strides(d, d)[0]
+    assert la["stride_om"] == _strides(b * L, d)[0]
+    for p in (up, down, att, cross, mod, lin):
         assert all(isinstance(v, int) and 0 <= v < 2**31 for _, v in p.int_args)  # i32 scalars

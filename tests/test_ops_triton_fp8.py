@@ -8,6 +8,7 @@ The tiny preset has head_dim 32; the e4m3 attention kernel needs >= 64, so these
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from pathlib import Path
 
@@ -19,7 +20,9 @@ from javisrt.engine.errors import ConfigError
 from javisrt.engine.model import build_model, init_weights
 from javisrt.engine.ops import get_ops
 from javisrt.export.contract import DiTContract
-from javisrt.kernels.fp8 import amax_scale, quantize_e4m3_ref, to_e4m3
+from javisrt.kernels import ops_triton_fp8
+from javisrt.kernels.fp8 import amax_scale, to_e4m3
+from javisrt.kernels.fp8_linear import fp8_linear_ref
 from javisrt.kernels.ops_triton_fp8 import Fp8Linear, TritonFp8Ops, scaled_mm_linear
 from javisrt.kernels.rope_attention import rope_attention_fp8_ref
 from javisrt.runtime.backends.torch_engine import contract_forward
@@ -144,8 +147,9 @@ def test_attention_scales_are_the_calibrated_ranges(calibrated) -> None:  # type
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("m", [1, 37, 64])
 def test_scaled_mm_linear_matches_emulation(dtype: torch.dtype, m: int) -> None:
-    """``torch._scaled_mm`` Linear vs ``quantize_e4m3_ref`` of x and W, GEMM in float64: the same two
-    roundings, so the error is the output dtype's rounding + fp32 accumulation (2x torch's own error)."""
+    """``torch._scaled_mm`` Linear vs its emulation (``fp8_linear_ref``: x quantized as ``x / s`` in fp32, the
+    e4m3 weight, GEMM in float64): the same two roundings, so the error is the output dtype's rounding +
+    fp32 accumulation (2x torch's own error)."""
     g = torch.Generator().manual_seed(m)
     x = torch.randn(3, m, 64, generator=g).to(dtype)
     w = torch.randn(48, 64, generator=g) / 8
@@ -154,9 +158,109 @@ def test_scaled_mm_linear_matches_emulation(dtype: torch.dtype, m: int) -> None:
     fp8 = Fp8Linear(to_e4m3(w, s_w), s_w, s_x)
     got = scaled_mm_linear(x, fp8, b)
     assert got.dtype == dtype and got.shape == (3, m, 48)
-    ref = quantize_e4m3_ref(x.double(), s_x.double()) @ quantize_e4m3_ref(w.double(), s_w.double()).T + b.double()
+    ref = fp8_linear_ref(x.double(), fp8.weight, s_w, s_x, b.double())
     torch_err = max_err(torch.nn.functional.linear(x.float(), w.float(), b.float()).to(dtype), x.double() @ w.double().T + b.double())
     assert_within(got, ref, 2 * torch_err + noise_floor(ref, dtype), f"scaled_mm {dtype} m={m}")
+
+
+def _emulated_linear(reciprocal: bool):  # type: ignore[no-untyped-def]
+    """An FP8 Linear implementation for the op set: :func:`fp8_linear_ref` in float64, back in x's dtype."""
+
+    def run(x: torch.Tensor, fp8: Fp8Linear, bias: torch.Tensor | None) -> torch.Tensor:
+        b = None if bias is None else bias.double()
+        return fp8_linear_ref(x.double(), fp8.weight, fp8.weight_scale, fp8.input_scale, b, reciprocal).to(x.dtype)
+
+    return run
+
+
+def test_triton_linear_forward_matches_scaled_mm(calibrated, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """Whole tiny forward, ``linear_impl="triton"`` vs ``"scaled_mm"``. The two differ in (1) the fp32
+    summation order of every attention Linear and (2) x's e4m3 rounding spelled ``x * (1/s)`` vs ``x / s``
+    (one fp32 rounding apart: it moves an input only across a tie). Both effects are measured on the
+    emulation (the Linears in float64 with each spelling): (1) e_acc = scaled_mm forward vs the float64
+    ``x / s`` forward, (2) e_q = float64 ``x * (1/s)`` forward vs ``x / s``. The triton forward carries (1)
+    with an independent summation order plus (2): rel err(triton, scaled_mm) <= 2 (e_acc + e_q) + floor."""
+    plain, _, scales, contract = calibrated
+    monkeypatch.setitem(ops_triton_fp8.LINEAR_IMPLS, "emulation_div", _emulated_linear(False))
+    monkeypatch.setitem(ops_triton_fp8.LINEAR_IMPLS, "emulation_reciprocal", _emulated_linear(True))
+    model = copy.deepcopy(plain)
+    base = TritonFp8Ops.prepare(model, scales.scales)
+    inputs = contract.sample_inputs(CHECK, torch.Generator().manual_seed(5))
+    outs = {}
+    with torch.no_grad():
+        for impl in ("triton", "scaled_mm", "emulation_div", "emulation_reciprocal"):
+            model.set_ops(dataclasses.replace(base, linear_impl=impl))  # one prepared e4m3 copy for all four
+            outs[impl] = contract_forward(model, inputs, CHECK["video_frames"])
+    for name in contract.output_names:
+        o = {impl: out[name] for impl, out in outs.items()}
+        e = rel_err(o["triton"], o["scaled_mm"])
+        e_acc = rel_err(o["scaled_mm"], o["emulation_div"])
+        e_q = rel_err(o["emulation_reciprocal"], o["emulation_div"])
+        floor = noise_floor(o["scaled_mm"]) / float(o["scaled_mm"].abs().max())
+        print(f"{name}: triton vs scaled_mm {e:.2e}; summation class {e_acc:.2e}; x/s vs x*(1/s) {e_q:.2e}")
+        assert e <= 2 * (e_acc + e_q) + floor, name
+
+
+def test_linear_impl_is_validated(calibrated) -> None:  # type: ignore[no-untyped-def]
+    plain, _, scales, _ = calibrated
+    with pytest.raises(ConfigError, match="unknown FP8 Linear implementation 'cublas'.*scaled_mm, triton"):
+        TritonFp8Ops.prepare(plain, scales.scales, linear_impl="cublas")
+    ops = TritonFp8Ops.prepare(plain, scales.scales, linear_impl="triton")
+    assert ops.linear_impl == "triton" and ops.for_layer(plain.blocks[0].self_attn).linear_impl == "triton"
+    assert TritonFp8Ops.prepare(plain, scales.scales).linear_impl == "scaled_mm"  # the default
+    with pytest.raises(ConfigError, match="--fp8-linear"):
+        dataclasses.replace(ops, linear_impl="")
+
+
+def test_fp8_linear_plumbing_engine_and_cli(calibrated, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    """``fp8_linear=`` reaches the prepared op set (and for_mode's engines); it is refused off triton-fp8, an
+    unknown value is a ConfigError, and both CLIs take ``--fp8-linear scaled_mm|triton`` only."""
+    import argparse
+
+    from javisrt.bench import cli as bench_cli
+    from javisrt.runtime import cli
+    from javisrt.runtime.backends import create_engine
+    from javisrt.runtime.backends.torch_engine import TorchEngine
+
+    plain, _, scales, _ = calibrated
+    engine = TorchEngine(copy.deepcopy(plain), ops="triton-fp8", fp8_scales=scales.scales, fp8_linear="triton")
+    engine.load()
+    assert engine.model.ops.linear_impl == "triton"
+    assert engine.for_mode("t2a").model.ops is engine.model.ops
+    with pytest.raises(ConfigError, match="unknown FP8 Linear implementation 'cutlass'"):
+        TorchEngine(copy.deepcopy(plain), ops="triton-fp8", fp8_scales=scales.scales, fp8_linear="cutlass")
+    with pytest.raises(ConfigError, match="--fp8-linear"):
+        create_engine("torch", model=copy.deepcopy(plain), ops="triton", fp8_linear="triton")
+    with pytest.raises(ConfigError, match="--fp8-linear"):
+        create_engine("onnxruntime", engine_file="x.onnx", fp8_linear="triton")
+
+    for register in (cli.build_parser, None):
+        if register is None:
+            parser = argparse.ArgumentParser(prog="javisrt")
+            bench_cli.register(parser.add_subparsers(dest="command"))
+            argv = ["bench"]
+        else:
+            parser, argv = register(), ["generate", "--tiny", "--prompt", "x"]
+        assert parser.parse_args([*argv, "--fp8-linear", "triton"]).fp8_linear == "triton"
+        assert parser.parse_args(argv).fp8_linear is None  # the op set's default
+        with pytest.raises(SystemExit):
+            parser.parse_args([*argv, "--fp8-linear", "cublas"])
+        assert "--fp8-linear {scaled_mm,triton}" in capsys.readouterr().err
+    assert cli.main(["generate", "--tiny", "--prompt", "x", "--fp8-linear", "triton", "--quiet"]) == cli.EXIT_ERROR
+    assert "--ops triton-fp8" in capsys.readouterr().err
+
+
+def test_gpu_proof_faster_row_is_computed_from_the_timings() -> None:
+    """bench/gpu_proof.py part 2's ``attention_linears_faster``: the candidate with fewer ms, never a
+    constant; skipped (with the reason) while a candidate is not timed, as _scaled_mm on the CPU."""
+    from javisrt.bench.gpu_proof import faster_row
+
+    names = {"scaled_mm": "a", "triton": "b"}
+    row = faster_row({"a": {"status": "ok", "ms": 2.0}, "b": {"status": "ok", "ms": 1.6}}, names)
+    assert (row["status"], row["faster"], row["speedup"]) == ("ok", "triton", 1.25)
+    assert faster_row({"a": {"status": "ok", "ms": 1.0}, "b": {"status": "ok", "ms": 1.6}}, names)["faster"] == "scaled_mm"
+    row = faster_row({"a": {"status": "skipped: torch._scaled_mm is timed on an FP8 GPU only"}, "b": {"status": "ok", "ms": 1.6}}, names)
+    assert row["status"].startswith("skipped") and "scaled_mm: skipped" in row["status"] and "faster" not in row
 
 
 def test_op_set_needs_its_scales(calibrated) -> None:  # type: ignore[no-untyped-def]

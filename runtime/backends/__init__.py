@@ -52,6 +52,7 @@ def create_engine(
     cuda_graphs: bool = False,
     parallel: Any = None,
     fp8_scales: str | os.PathLike[str] | Fp8Scales | None = None,
+    fp8_linear: str | None = None,
     **options: Any,
 ) -> Engine:
     """The engine ``name``, loaded and ready.
@@ -61,7 +62,8 @@ def create_engine(
     every modality of the network), ``ops``, ``cuda_graphs``, ``parallel`` (a ParallelContext of a
     --parallel launch), ``fp8_scales`` (ops triton-fp8 only: the scales sidecar, default
     ``<checkpoint>.fp8-scales.safetensors``; a missing one is a ConfigError naming the command that makes
-    it; or the loaded :class:`~javisrt.runtime.fp8_scales.Fp8Scales`). onnxruntime / tensorrt: ``engine_file``;
+    it; or the loaded :class:`~javisrt.runtime.fp8_scales.Fp8Scales`), ``fp8_linear`` (ops triton-fp8 only:
+    its attention-Linear implementation, scaled_mm or triton; None: the op set's default). onnxruntime / tensorrt: ``engine_file``;
     ``options`` go to the engine's constructor (e.g. ``intra_op_threads``, ``refit_onnx``). A mode the
     compiled file was not exported for is refused by the caller through ``engine.contract.mode``.
     """
@@ -101,7 +103,7 @@ def create_engine(
             raise ConfigError(f"--fp8-scales applies to --ops {FP8_OPS}, not --ops {ops}")
         engine: Engine = TorchEngine(
             model, mode=mode, ops=ops, numerics=numerics, device=dev, cuda_graphs=cuda_graphs, parallel=parallel,
-            fp8_scales=scales,
+            fp8_scales=scales, fp8_linear=fp8_linear,
         )
     else:
         if model is not None or checkpoint is not None:
@@ -111,8 +113,9 @@ def create_engine(
             )
         if engine_file is None:
             raise ConfigError(f"the {name} engine needs engine_file= (--engine-file): the compiled DiT to run")
-        if ops != "torch" or fp8_scales is not None:
-            raise ConfigError(f"op sets (--ops {ops}, --fp8-scales) apply to the torch engine; the {name} engine runs its compiled graph")
+        if ops != "torch" or fp8_scales is not None or fp8_linear is not None:
+            raise ConfigError(f"op sets (--ops {ops}, --fp8-scales, --fp8-linear) apply to the torch engine; the {name} engine "
+                              "runs its compiled graph")
         if parallel is not None:
             raise ConfigError(f"--parallel runs the torch engine (op-set wrappers over ranks), not the {name} engine")
         engine = _compiled(name, engine_file, dev, cuda_graphs, options)

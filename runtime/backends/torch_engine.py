@@ -69,6 +69,8 @@ class TorchEngine(Engine):
     the engine generates (default: every modality of the network). ``fp8_scales``: the per-tensor scales
     of ``ops="triton-fp8"`` (``runtime/fp8_scales.Fp8Scales.scales``), required by it and by it only; the
     op set is prepared from them and the model's weights on load, after the move and the numerics.
+    ``fp8_linear``: that op set's attention-Linear implementation (``kernels/ops_triton_fp8.LINEAR_IMPLS``:
+    scaled_mm or triton; None: its default), ``ops="triton-fp8"`` only.
     """
 
     name = "torch"
@@ -84,6 +86,7 @@ class TorchEngine(Engine):
         cuda_graphs: bool = False,
         parallel: Any = None,
         fp8_scales: Mapping[str, torch.Tensor] | None = None,
+        fp8_linear: str | None = None,
     ) -> None:
         super().__init__(DiTContract.for_config(model.cfg, mode=mode))
         if (ops == FP8_OPS) != (fp8_scales is not None):
@@ -91,7 +94,14 @@ class TorchEngine(Engine):
                 f"the {FP8_OPS} op set needs its FP8 scales (fp8_scales=, --fp8-scales)" if ops == FP8_OPS
                 else f"FP8 scales apply to the {FP8_OPS} op set only, not {ops!r}"
             )
+        if fp8_linear is not None:
+            if ops != FP8_OPS:
+                raise ConfigError(f"the FP8 Linear implementation (--fp8-linear) applies to the {FP8_OPS} op set only, not {ops!r}")
+            from javisrt.kernels.ops_triton_fp8 import check_linear_impl
+
+            check_linear_impl(fp8_linear)
         self._fp8_scales = fp8_scales
+        self._fp8_linear = fp8_linear
         self._fp8_ops: Any = None  # the prepared triton-fp8 op set (shared with for_mode's engines: one e4m3 copy)
         # A runtime.parallel.ParallelContext with cfg=2 and/or sp>1: the forward runs over the ranks
         # (runtime/backends/torch_parallel.py); None: this process alone.
@@ -128,10 +138,11 @@ class TorchEngine(Engine):
         if self._numerics is not None and model.numerics is not self._numerics:
             model.set_numerics(self._numerics)
         if self._fp8_scales is not None:
-            from javisrt.kernels.ops_triton_fp8 import TritonFp8Ops
+            from javisrt.kernels.ops_triton_fp8 import DEFAULT_LINEAR_IMPL, TritonFp8Ops
 
-            if self._fp8_ops is None:
-                self._fp8_ops = TritonFp8Ops.prepare(model, self._fp8_scales)  # e4m3 weights on the device
+            if self._fp8_ops is None:  # e4m3 weights on the device
+                impl = self._fp8_linear if self._fp8_linear is not None else DEFAULT_LINEAR_IMPL
+                self._fp8_ops = TritonFp8Ops.prepare(model, self._fp8_scales, linear_impl=impl)
             model.set_ops(self._fp8_ops)
         else:
             model.set_ops(self._ops)
@@ -196,6 +207,7 @@ class TorchEngine(Engine):
         other = TorchEngine(
             self._model_arg, mode=mode, ops=self._ops, numerics=self._numerics, device=self._device,
             cuda_graphs=self.cuda_graphs, parallel=self.parallel, fp8_scales=self._fp8_scales,
+            fp8_linear=self._fp8_linear,
         )  # fmt: skip
         other._fp8_ops = self._fp8_ops
         if self.state is not self.state.UNLOADED:
