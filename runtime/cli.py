@@ -201,6 +201,28 @@ def add_v01_weight_flags(p: argparse.ArgumentParser, *, num_frames: bool = True)
                    help="load the checkpoint's trained video<->audio gates (the official inference leaves them at 0)")
 
 
+def add_fp8_flags(g: argparse._ActionsContainer) -> None:
+    """``--fp8-scales`` and ``--fp8-linear`` of the ``triton-fp8`` op set (generate, demo and serve)."""
+    g.add_argument(
+        "--fp8-scales", type=Path, default=None,
+        help="--ops triton-fp8: the scales sidecar (default: CHECKPOINT.fp8-scales.safetensors next to the "
+        "checkpoint; `javisrt export --checkpoint CHECKPOINT --fp8-scales` makes it)",
+    )  # fmt: skip
+    g.add_argument(
+        "--fp8-linear", choices=["scaled_mm", "triton"], default=None,
+        help="--ops triton-fp8: how the attention q/k/v/o Linears run in e4m3. scaled_mm: a Triton activation-"
+        "quantization launch, then torch._scaled_mm (cuBLASLt); triton: one Triton FP8 GEMM that quantizes the "
+        "activation in its prologue (kernels/fp8_linear.py). Default scaled_mm (bench/gpu_proof.py part 2 times both)",
+    )  # fmt: skip
+
+
+def check_tiny_fp8(args: argparse.Namespace) -> None:
+    """The tiny random preset cannot run ``triton-fp8``: refuse its flags rather than ignore them."""
+    if args.ops == "triton-fp8" or args.fp8_scales is not None or args.fp8_linear is not None:
+        raise ConfigError("--ops triton-fp8 runs a calibrated checkpoint: the tiny preset's head_dim 32 is below "
+                          "the e4m3 attention kernel's 64 (bench/fp8_fidelity.py measures FP8 on small configs)")
+
+
 def _add_engine(p: argparse.ArgumentParser) -> None:
     # Imported here, not at the top: it imports torch, which a torchrun rank must only do once its
     # SIGTERM handler is installed (see main); the parser is built after that.
@@ -221,17 +243,7 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
         help="op set of the torch engine: torch (any device), triton (CUDA) or triton-fp8 (CUDA: the e4m3 kernels "
         "with calibrated scales, see --fp8-scales; head_dim >= 64, so not the tiny preset)",
     )  # fmt: skip
-    g.add_argument(
-        "--fp8-scales", type=Path, default=None,
-        help="--ops triton-fp8: the scales sidecar (default: CHECKPOINT.fp8-scales.safetensors next to the "
-        "checkpoint; `javisrt export --checkpoint CHECKPOINT --fp8-scales` makes it)",
-    )  # fmt: skip
-    g.add_argument(
-        "--fp8-linear", choices=["scaled_mm", "triton"], default=None,
-        help="--ops triton-fp8: how the attention q/k/v/o Linears run in e4m3. scaled_mm: a Triton activation-"
-        "quantization launch, then torch._scaled_mm (cuBLASLt); triton: one Triton FP8 GEMM that quantizes the "
-        "activation in its prologue (kernels/fp8_linear.py). Default scaled_mm (bench/gpu_proof.py part 2 times both)",
-    )  # fmt: skip
+    add_fp8_flags(g)
     g.add_argument(
         "--loop", choices=["auto", "host", "device"], default="auto",
         help="sampling loop: device (CUDA: latents stay in the engine's device buffers, one CUDA graph per "
@@ -381,9 +393,7 @@ def _load_pipeline(args: argparse.Namespace, tiny: bool, device: Any = None, par
     if tiny:
         if args.checkpoint or args.wan_dir or args.audioldm2_dir:
             raise ConfigError("--tiny uses random weights; do not combine it with --checkpoint/--wan-dir/--audioldm2-dir")
-        if args.ops == "triton-fp8" or args.fp8_scales is not None or args.fp8_linear is not None:
-            raise ConfigError("--ops triton-fp8 runs a calibrated checkpoint: the tiny preset's head_dim 32 is below "
-                              "the e4m3 attention kernel's 64 (bench/fp8_fidelity.py measures FP8 on small configs)")
+        check_tiny_fp8(args)
         return build_tiny_pipeline(
             backend=args.backend, engine_file=args.engine_file, ops=args.ops, device=device, parallel=parallel,
             loop=args.loop, cuda_graphs=args.cuda_graphs,
@@ -441,7 +451,7 @@ def load_v01_pipeline(
     from javisrt.runtime.v01_demo import build_tiny_v01_pipeline
     from javisrt.runtime.v01_pipeline import V01Pipeline
 
-    if args.backend != "torch" or args.engine_file or args.ops != "torch":
+    if args.backend != "torch" or args.engine_file or args.ops != "torch" or args.fp8_scales or args.fp8_linear:
         raise NotImplementedError("javisdit-v0.1 runs on the eager torch engine with the torch op set only "
                                   "(no compiled v0.1 graph, no triton op set for VASTDiT3 yet)")  # fmt: skip
     if args.wan_dir or args.config:

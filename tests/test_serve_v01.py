@@ -167,6 +167,9 @@ def test_request_mapping_in_process() -> None:
         (["--model", "javisdit-v0.1", "--checkpoint", "jav"], "ConfigError", "--t5-dir and --audioldm2-dir"),
         (["--tiny", "--prior", "p"], "ConfigError", "add --model javisdit-v0.1"),
         (["--model", "javisdit-v0.1", "--tiny", "--backend", "onnxruntime"], "NotImplementedError", "eager torch"),
+        (["--model", "javisdit-v0.1", "--tiny", "--fp8-linear", "triton"], "NotImplementedError", "eager torch"),
+        (["--tiny", "--ops", "triton-fp8"], "ConfigError", "head_dim 32"),
+        (["--tiny", "--fp8-scales", "s.safetensors"], "ConfigError", "head_dim 32"),
     ],
 )  # fmt: skip
 def test_serve_flags_are_checked_before_loading(flags: list[str], error: str, message: str) -> None:

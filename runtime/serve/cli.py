@@ -64,7 +64,7 @@ def register(subparsers: Any) -> None:
         help="serve OpenAI's Videos API (create, poll, download, delete) with a queue, metrics and a playground",
         description="An OpenAI-compatible Videos API server. Point the openai SDK at http://HOST:PORT/v1.",
     )
-    from javisrt.runtime.cli import add_model_flag, add_v01_weight_flags
+    from javisrt.runtime.cli import add_fp8_flags, add_model_flag, add_v01_weight_flags
 
     add_model_flag(p)
     w = p.add_argument_group("model (local directories; nothing is downloaded)")
@@ -77,7 +77,10 @@ def register(subparsers: Any) -> None:
                    help="DiT engine: torch (the checkpoint, every mode), onnxruntime or tensorrt (--engine-file, "
                    "the one mode it was exported for) (default: torch)")  # fmt: skip
     w.add_argument("--engine-file", help="compiled DiT for --backend onnxruntime (.onnx) or tensorrt (.plan)")
-    w.add_argument("--ops", default="torch", help="op set of the torch engine: torch or triton (CUDA) (default: torch)")
+    w.add_argument("--ops", default="torch",
+                   help="op set of the torch engine: torch, triton (CUDA) or triton-fp8 (CUDA, calibrated e4m3 scales: "
+                   "--fp8-scales) (default: torch)")  # fmt: skip
+    add_fp8_flags(w)
     w.add_argument("--served-model-name", help="the model id clients send and /v1/models lists "
                    f"(default: {TINY_MODEL_NAME} with --tiny, {TINY_V01_MODEL_NAME} with --tiny --model javisdit-v0.1, "
                    "else the checkpoint's directory name)")  # fmt: skip
@@ -118,7 +121,7 @@ V01_ONLY_FLAGS = ("prior", "t5_dir", "imagebind", "vae_dir", "trained_gates")
 
 
 def serve_config(args: argparse.Namespace) -> Any:
-    from javisrt.runtime.cli import resolve_model
+    from javisrt.runtime.cli import check_tiny_fp8, resolve_model
     from javisrt.runtime.demo import DEMO_SIZE
     from javisrt.runtime.serve.config import ServeConfig, bucket_sizes, v01_bucket_sizes
     from javisrt.runtime.v01_demo import V01_DEMO_SIZE
@@ -128,9 +131,11 @@ def serve_config(args: argparse.Namespace) -> Any:
     if args.tiny and any(getattr(args, flag) for flag in weights):
         given = ", ".join("--" + f.replace("_", "-") for f in weights if getattr(args, f))
         raise ConfigError(f"--tiny uses random weights; do not combine it with {given}")
+    if args.tiny and not v01:
+        check_tiny_fp8(args)
     if v01 and (args.wan_dir or args.config):
         raise ConfigError("--wan-dir and --config are JavisDiT++ flags; javisdit-v0.1 reads --t5-dir, --vae-dir, ...")
-    if v01 and (args.backend != "torch" or args.engine_file or args.ops != "torch"):
+    if v01 and (args.backend != "torch" or args.engine_file or args.ops != "torch" or args.fp8_scales or args.fp8_linear):
         raise NotImplementedError("javisdit-v0.1 is served on the eager torch engine with the torch op set only "
                                   "(no compiled v0.1 graph, no triton op set for VASTDiT3 yet)")  # fmt: skip
     if not v01 and any(getattr(args, flag) for flag in V01_ONLY_FLAGS):
@@ -178,7 +183,8 @@ def pipeline_factory(args: argparse.Namespace) -> Any:
             )
         return JavisPipeline.from_pretrained(
             args.checkpoint, args.wan_dir, args.audioldm2_dir, config=args.config, device=device,
-            backend=args.backend, engine_file=args.engine_file, ops=args.ops, text_cache=cache,
+            backend=args.backend, engine_file=args.engine_file, ops=args.ops, fp8_scales=args.fp8_scales,
+            fp8_linear=args.fp8_linear, text_cache=cache,
         )  # fmt: skip
 
     return build
