@@ -19,7 +19,10 @@ API_KEY = "test-" + secrets.token_hex(8)
 MODEL = "javisrt-tiny"
 MAX_QUEUE = 16
 SMALL: dict[str, Any] = {"size": "32x32", "num_frames": 17, "num_inference_steps": 2}
-LONG_STEPS = 1000  # 64x64: tens of ms per step, so a long job runs for many seconds unless cancelled
+# A long job (64x64, milliseconds a step) must never finish on its own while a test waits to cancel it,
+# stop the server past its grace period or time a client out: 1000 steps once finished inside a 5 s
+# shutdown grace on a fast CI core; 100,000 steps would need < 0.1 ms a step.
+LONG_STEPS = 100_000
 LONG: dict[str, Any] = {"size": "64x64", "num_frames": 17, "num_inference_steps": LONG_STEPS}
 # One torch thread per server: two shared cores oversubscribed by OpenMP run the tiny VAE ~10x slower.
 SERVER_ENV = {"OMP_NUM_THREADS": "1"}

@@ -166,7 +166,7 @@ def test_sync_route_returns_mp4_with_server_timing(http: httpx.Client, tmp_path:
 
 def test_sync_client_that_goes_away_cancels_its_job(server: ServerProcess, http: httpx.Client) -> None:
     before = metric(http, "javisrt_jobs_total", '{status="cancelled"}')
-    with pytest.raises(httpx.ReadTimeout):  # the client gives up long before 1000 steps
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up long before LONG_STEPS steps
         http.post("/v1/videos/sync", json={"prompt": "never mind", **LONG}, timeout=2.0)
     deadline = time.monotonic() + 30.0
     while metric(http, "javisrt_jobs_total", '{status="cancelled"}') == before and time.monotonic() < deadline:

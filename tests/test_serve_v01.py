@@ -4,7 +4,7 @@ uvicorn process, driven by the official ``openai`` SDK and httpx like tests/test
 The same server code as JavisDiT++ (queue, progress, cancellation, metrics); what differs is the
 pipeline (V01Pipeline) and the request mapping: 24 fps, Open-Sora's clip-length names, one CFG
 scale, no negative prompt, the rflow loop only. Requests are 32x32 with 2 steps; the long job
-(64x64, LONG_STEPS steps, ~17 ms a step on one thread) exists to be cancelled.
+(64x64, V01_LONG_STEPS steps, ~17 ms a step on one thread) exists to be cancelled.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from javisrt.runtime.v01_generation import V01_FPS, V01_GUIDANCE
 from tests._serve import (
     API_KEY,
     JOB_TIMEOUT_S,
-    LONG_STEPS,
     POLL_S,
     SERVER_ENV,
     V01_MODEL,
@@ -38,7 +37,9 @@ from tests._serve import (
 pytestmark = pytest.mark.filterwarnings("ignore:The Sora API is scheduled:DeprecationWarning")
 
 SMALL: dict[str, Any] = {"size": "32x32", "num_frames": 20, "num_inference_steps": 2}  # 17 + a remainder of 3
-LONG: dict[str, Any] = {"size": "64x64", "num_frames": 17, "num_inference_steps": LONG_STEPS}
+# 2,000 steps: progress (integer percent) moves every 20 steps, and the job is cancelled long before its end.
+V01_LONG_STEPS = 2000
+LONG: dict[str, Any] = {"size": "64x64", "num_frames": 17, "num_inference_steps": V01_LONG_STEPS}
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,7 @@ def test_progress_then_cancel_stops_at_the_next_step(http: httpx.Client) -> None
     cancelled_before = metric(http, "javisrt_jobs_total", '{status="cancelled"}')
     long = create(http, prompt="a train passes", **LONG)
     nxt = create(http, prompt="a bird sings", **SMALL)
-    step = LONG_STEPS // 100  # steps per percent
+    step = V01_LONG_STEPS // 100  # steps per percent
     running = wait_steps(http, long["id"], step)
     assert 0 < running["progress"] < 100 and running["stage"] == "denoise"
     later = wait_steps(http, long["id"], running["steps_done"] + step)
@@ -107,7 +108,7 @@ def test_progress_then_cancel_stops_at_the_next_step(http: httpx.Client) -> None
     r = http.delete(f"/v1/videos/{long['id']}")
     assert r.status_code == 200, r.text
     video = r.json()["video"]
-    assert video["status"] == "cancelled" and video["steps_done"] < LONG_STEPS
+    assert video["status"] == "cancelled" and video["steps_done"] < V01_LONG_STEPS
     assert video["steps_done"] - video["cancel_requested_at_step"] <= 1
     assert metric(http, "javisrt_jobs_total", '{status="cancelled"}') == cancelled_before + 1
     after = wait_final(http, nxt["id"])
