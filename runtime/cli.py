@@ -216,6 +216,16 @@ def add_fp8_flags(g: argparse._ActionsContainer) -> None:
     )  # fmt: skip
 
 
+def check_v01_engine_flags(args: argparse.Namespace) -> None:
+    """v0.1 runs the eager torch engine with the torch op set and reads its own component flags (generate
+    and serve): the engine and JavisDiT++ flags are refused rather than ignored."""
+    if args.backend != "torch" or args.engine_file or args.ops != "torch" or args.fp8_scales or args.fp8_linear:
+        raise NotImplementedError("javisdit-v0.1 runs on the eager torch engine with the torch op set only "
+                                  "(no compiled v0.1 graph, no triton op set for VASTDiT3 yet)")  # fmt: skip
+    if args.wan_dir or args.config:
+        raise ConfigError("--wan-dir and --config are JavisDiT++ flags; javisdit-v0.1 reads --t5-dir, --vae-dir, ...")
+
+
 def check_tiny_fp8(args: argparse.Namespace) -> None:
     """The tiny random preset cannot run ``triton-fp8``: refuse its flags rather than ignore them."""
     if args.ops == "triton-fp8" or args.fp8_scales is not None or args.fp8_linear is not None:
@@ -451,11 +461,7 @@ def load_v01_pipeline(
     from javisrt.runtime.v01_demo import build_tiny_v01_pipeline
     from javisrt.runtime.v01_pipeline import V01Pipeline
 
-    if args.backend != "torch" or args.engine_file or args.ops != "torch" or args.fp8_scales or args.fp8_linear:
-        raise NotImplementedError("javisdit-v0.1 runs on the eager torch engine with the torch op set only "
-                                  "(no compiled v0.1 graph, no triton op set for VASTDiT3 yet)")  # fmt: skip
-    if args.wan_dir or args.config:
-        raise ConfigError("--wan-dir and --config are JavisDiT++ flags; javisdit-v0.1 reads --t5-dir, --vae-dir, ...")
+    check_v01_engine_flags(args)
     if mode is GenerationMode.T2V:
         raise ConfigError("javisdit-v0.1 has no video-only model: use --mode t2av (-jav) or t2a (-audio)")
     if tiny:

@@ -121,7 +121,7 @@ V01_ONLY_FLAGS = ("prior", "t5_dir", "imagebind", "vae_dir", "trained_gates")
 
 
 def serve_config(args: argparse.Namespace) -> Any:
-    from javisrt.runtime.cli import check_tiny_fp8, resolve_model
+    from javisrt.runtime.cli import check_tiny_fp8, check_v01_engine_flags, resolve_model
     from javisrt.runtime.demo import DEMO_SIZE
     from javisrt.runtime.serve.config import ServeConfig, bucket_sizes, v01_bucket_sizes
     from javisrt.runtime.v01_demo import V01_DEMO_SIZE
@@ -133,11 +133,8 @@ def serve_config(args: argparse.Namespace) -> Any:
         raise ConfigError(f"--tiny uses random weights; do not combine it with {given}")
     if args.tiny and not v01:
         check_tiny_fp8(args)
-    if v01 and (args.wan_dir or args.config):
-        raise ConfigError("--wan-dir and --config are JavisDiT++ flags; javisdit-v0.1 reads --t5-dir, --vae-dir, ...")
-    if v01 and (args.backend != "torch" or args.engine_file or args.ops != "torch" or args.fp8_scales or args.fp8_linear):
-        raise NotImplementedError("javisdit-v0.1 is served on the eager torch engine with the torch op set only "
-                                  "(no compiled v0.1 graph, no triton op set for VASTDiT3 yet)")  # fmt: skip
+    if v01:
+        check_v01_engine_flags(args)
     if not v01 and any(getattr(args, flag) for flag in V01_ONLY_FLAGS):
         raise ConfigError("--prior/--t5-dir/--imagebind/--vae-dir/--trained-gates are javisdit-v0.1 flags: add --model javisdit-v0.1")
     if not args.tiny and not v01 and not (args.checkpoint and args.wan_dir):
