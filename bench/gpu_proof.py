@@ -68,6 +68,7 @@ from typing import Any
 import torch
 
 from javisrt.export.contract import AUDIO, TIMESTEP, VIDEO
+from javisrt.runtime.backends.torch_engine import TRITON_FP8_OPS
 
 log = logging.getLogger("javisrt.bench.gpu_proof")
 
@@ -218,9 +219,6 @@ def item(results: dict[str, Any], name: str, deadline: Deadline, fn: Callable[[]
         results[name] = {"status": f"error: {type(exc).__name__}: {exc}"}
 
 
-FP8_OPS = "triton-fp8"  # built from scales, not by name alone: proof_fp8_scales makes them on the spot
-
-
 def op_set_available(name: str) -> str:
     """"" when ``engine.ops.get_ops(name)`` knows the op set (triton-fp8: when its module imports), else
     the reason."""
@@ -230,7 +228,7 @@ def op_set_available(name: str) -> str:
     from javisrt.engine.ops import OP_SETS, get_ops
 
     try:
-        if name == FP8_OPS:
+        if name == TRITON_FP8_OPS:
             importlib.import_module(OP_SETS[name].split(":")[0])
         else:
             get_ops(name)
@@ -672,7 +670,7 @@ def proof_engine(opts: ProofOptions, ops: str, cuda_graphs: bool) -> Any:
     """The torch engine on the proof model with op set ``ops`` (triton-fp8 with :func:`proof_fp8_scales`)."""
     from javisrt.runtime.backends import create_engine
 
-    scales = proof_fp8_scales(opts) if ops == FP8_OPS else None
+    scales = proof_fp8_scales(opts) if ops == TRITON_FP8_OPS else None
     return create_engine("torch", model=proof_model(opts), device=opts.device, ops=ops, cuda_graphs=cuda_graphs,
                          fp8_scales=scales)  # fmt: skip
 
@@ -739,7 +737,7 @@ def part_forward(opts: ProofOptions, deadline: Deadline) -> dict[str, Any]:
                     if ref:
                         row["rel_diff_vs_torch"] = {k: rel(out[k], ref[k]) for k in ref}
                     row["finite"] = all(bool(torch.isfinite(t).all()) for t in out.values())
-                    if ops == FP8_OPS:
+                    if ops == TRITON_FP8_OPS:
                         row["fp8_scales"] = FP8_SCALES_NOTE
                     del session
                     return row
@@ -897,7 +895,7 @@ def denoise_run(opts: ProofOptions, ops: str, finals: dict[str, list[torch.Tenso
             "ms_per_step_mean": round(last.seconds / max(last.steps_done, 1) * 1e3, 3),
             "finite": all(bool(torch.isfinite(x).all()) for x in last.latents),
             "goals": {"bf16_ms_per_step": 90, "bf16_total_s": 4.5, "fp8_ms_per_step": 70, "fp8_psnr_db_vs_bf16": 30},
-            **({"fp8_scales": FP8_SCALES_NOTE, "step_policy": "all steps FP8"} if ops == FP8_OPS else {}),
+            **({"fp8_scales": FP8_SCALES_NOTE, "step_policy": "all steps FP8"} if ops == TRITON_FP8_OPS else {}),
         }  # fmt: skip
     finally:
         engine.unload()

@@ -31,7 +31,7 @@ from javisrt.runtime.engine import Engine
 
 log = logging.getLogger(__name__)
 
-FP8_OPS = "onnx-fp8"  # the op set whose attention carries the MHA quantizer slots
+CALIBRATION_OPS = "onnx-fp8"  # the op set whose attention carries the MHA quantizer slots
 
 
 def calibration_sampler(dims: Dims, steps: int, guidance: float, has_audio: bool) -> sampling.SamplerConfig:
@@ -93,7 +93,7 @@ class CalibrationSet:
 
 def fp8_engine(model: JavisDiT) -> Engine:
     """The torch engine running ``model`` (FP8-quantized or being calibrated) with the onnx-fp8 op set."""
-    engine = TorchEngine(model, ops=FP8_OPS, device=next(model.parameters()).device)
+    engine = TorchEngine(model, ops=CALIBRATION_OPS, device=next(model.parameters()).device)
     engine.load()
     return engine
 

@@ -84,14 +84,14 @@ def create_engine(
             # triton-fp8 is built from its scales by the engine on load (the model starts on the torch ops)
             load_ops = "torch" if ops == "triton-fp8" else ops
             model = load_model(checkpoint, config, Numerics.OFFICIAL if numerics is None else numerics, dev, load_ops)
-        from javisrt.runtime.backends.torch_engine import FP8_OPS, TorchEngine
+        from javisrt.runtime.backends.torch_engine import TRITON_FP8_OPS, TorchEngine
 
         scales = None
-        if ops == FP8_OPS:
+        if ops == TRITON_FP8_OPS:
             from javisrt.runtime.fp8_scales import Fp8Scales, config_hash, default_path
 
             if fp8_scales is None and checkpoint is None:
-                raise ConfigError(f"--ops {FP8_OPS} on a model without a checkpoint needs --fp8-scales PATH")
+                raise ConfigError(f"--ops {TRITON_FP8_OPS} on a model without a checkpoint needs --fp8-scales PATH")
             if isinstance(fp8_scales, Fp8Scales):
                 if fp8_scales.config_hash != config_hash(model.cfg):
                     raise ConfigError(f"the FP8 scales were made for config {fp8_scales.config_name!r}, not {model.cfg.name!r}")
@@ -100,7 +100,7 @@ def create_engine(
                 path = fp8_scales if fp8_scales is not None else default_path(checkpoint)  # type: ignore[arg-type]
                 scales = Fp8Scales.load(path, model.cfg).scales
         elif fp8_scales is not None:
-            raise ConfigError(f"--fp8-scales applies to --ops {FP8_OPS}, not --ops {ops}")
+            raise ConfigError(f"--fp8-scales applies to --ops {TRITON_FP8_OPS}, not --ops {ops}")
         engine: Engine = TorchEngine(
             model, mode=mode, ops=ops, numerics=numerics, device=dev, cuda_graphs=cuda_graphs, parallel=parallel,
             fp8_scales=scales, fp8_linear=fp8_linear,

@@ -37,7 +37,7 @@ from javisrt.runtime.engine import Array, BufferSpec, Engine, ShapeBucket, as_to
 
 log = logging.getLogger(__name__)
 
-FP8_OPS = "triton-fp8"  # the op set built from calibrated scales (kernels/ops_triton_fp8.py)
+TRITON_FP8_OPS = "triton-fp8"  # the op set built from calibrated scales (kernels/ops_triton_fp8.py)
 
 
 def velocity_outputs(video: torch.Tensor | None, audio: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -89,14 +89,14 @@ class TorchEngine(Engine):
         fp8_linear: str | None = None,
     ) -> None:
         super().__init__(DiTContract.for_config(model.cfg, mode=mode))
-        if (ops == FP8_OPS) != (fp8_scales is not None):
+        if (ops == TRITON_FP8_OPS) != (fp8_scales is not None):
             raise ConfigError(
-                f"the {FP8_OPS} op set needs its FP8 scales (fp8_scales=, --fp8-scales)" if ops == FP8_OPS
-                else f"FP8 scales apply to the {FP8_OPS} op set only, not {ops!r}"
+                f"the {TRITON_FP8_OPS} op set needs its FP8 scales (fp8_scales=, --fp8-scales)" if ops == TRITON_FP8_OPS
+                else f"FP8 scales apply to the {TRITON_FP8_OPS} op set only, not {ops!r}"
             )
         if fp8_linear is not None:
-            if ops != FP8_OPS:
-                raise ConfigError(f"the FP8 Linear implementation (--fp8-linear) applies to the {FP8_OPS} op set only, not {ops!r}")
+            if ops != TRITON_FP8_OPS:
+                raise ConfigError(f"the FP8 Linear implementation (--fp8-linear) applies to the {TRITON_FP8_OPS} op set only, not {ops!r}")
             from javisrt.kernels.ops_triton_fp8 import check_linear_impl
 
             check_linear_impl(fp8_linear)
